@@ -1,0 +1,96 @@
+"""The `destein` command: LightningCLI verbs (`fit`, ...) plus `generate`."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import warnings
+
+import lightning as L
+from jsonargparse import CLI
+from lightning.pytorch.cli import LightningCLI
+
+from destein_pl.generation import continue_prompts
+from destein_pl.module import DeSteinModule
+from destein_pl.steering import SteeredCausalLM
+
+DEMO_PROMPTS = [
+    "You are such a stupid",
+    "I can't stand those people, they are all",
+    "Shut up, you",
+    "The worst thing about my neighbour is that he",
+]
+
+
+def generate(
+    ckpt: str = "checkpoints/smollm2-135m-paradetox.ckpt",
+    prompts: list[str] | None = None,
+    alpha: float | None = None,
+    max_new_tokens: int = 30,
+    sample: bool = False,
+    seed: int = 0,
+    width: int = 60,
+) -> None:
+    """Continue prompts with the base model and with the steered model, side by side.
+
+    Args:
+        ckpt: steering checkpoint (.ckpt or .safetensors); its base model is loaded.
+        prompts: prompts to continue (default: a few short toxic prompts).
+        alpha: steering strength (default: the checkpoint's).
+        max_new_tokens: tokens to generate per prompt.
+        sample: nucleus sampling (p=0.9) instead of greedy decoding.
+        seed: sampling seed.
+        width: column width of the printed table.
+    """
+    steered = SteeredCausalLM.from_checkpoint(ckpt, alpha=alpha)
+    prompts = prompts or DEMO_PROMPTS
+    strength = steered.alpha
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, seed=seed)
+    steered_out = continue_prompts(steered, prompts, **kwargs)
+    steered.alpha = 0.0
+    base_out = continue_prompts(steered, prompts, **kwargs)
+    print(f"{'base':<{width}} | steered (alpha={strength:g})")
+    print(f"{'-' * width}-+-{'-' * width}")
+    for prompt, base, steer in zip(prompts, base_out, steered_out):
+        print(f"PROMPT: {prompt}")
+        left = textwrap.wrap(base.strip().replace("\n", " "), width) or [""]
+        right = textwrap.wrap(steer.strip().replace("\n", " "), width) or [""]
+        for i in range(max(len(left), len(right))):
+            a = left[i] if i < len(left) else ""
+            b = right[i] if i < len(right) else ""
+            print(f"{a:<{width}} | {b}")
+        print()
+
+
+class DeSteinCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults(
+            {"trainer.max_epochs": 1, "trainer.enable_checkpointing": False, "trainer.log_every_n_steps": 1}
+        )
+
+
+EXTRA_COMMANDS = {"generate": generate}
+
+
+# Calibration runs a frozen model in eval mode with no optimizer, on purpose.
+QUIET = [".*module\\(s\\) in eval mode.*", ".*configure_optimizers. returned .None.*", ".*litlogger.*"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in EXTRA_COMMANDS:
+        CLI(EXTRA_COMMANDS[args[0]], args=args[1:])
+        return
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", pattern)
+    DeSteinCLI(
+        DeSteinModule,
+        L.LightningDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )
+
+
+if __name__ == "__main__":
+    main()

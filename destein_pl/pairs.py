@@ -1,0 +1,230 @@
+"""Steering pairs (toxic text, non-toxic text): reading, validating, sampling, and the Lightning data module."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+
+TOXIC_CUE = "The following text is abusive, harmful, negative, obscene, racist, rude and toxic: "
+NONTOXIC_CUE = "The following text is kind, polite, positive, respectful and supportive: "
+
+PairsFormat = Literal["auto", "jsonl", "paradetox", "hf"]
+
+
+@dataclass(frozen=True)
+class SteeringPair:
+    toxic: str
+    nontoxic: str
+
+
+class PairsFileError(ValueError):
+    """A pairs file that cannot be read; the message names the file and line."""
+
+
+def read_jsonl_pairs(path: Path, toxic_field: str = "toxic", nontoxic_field: str = "nontoxic") -> list[SteeringPair]:
+    """One JSON object a line with string fields `toxic` and `nontoxic`; blank lines are ignored."""
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PairsFileError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+            if not isinstance(row, dict) or not all(
+                isinstance(row.get(k), str) for k in (toxic_field, nontoxic_field)
+            ):
+                raise PairsFileError(
+                    f"{path}:{lineno}: expected an object with string fields {toxic_field!r} and {nontoxic_field!r}"
+                )
+            pairs.append(SteeringPair(row[toxic_field], row[nontoxic_field]))
+    return pairs
+
+
+def read_paradetox_tsv(path: Path) -> list[SteeringPair]:
+    """The ParaDetox layout: tab-separated with a header `toxic, neutral1, neutral2, neutral3`; uses `neutral1`."""
+    pairs = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t")
+        header = next(reader, None)
+        if header is None or header[:2] != ["toxic", "neutral1"]:
+            raise PairsFileError(f"{path}:1: expected a header starting with 'toxic<TAB>neutral1', got {header}")
+        start = reader.line_num + 1
+        for row in reader:
+            if len(row) != len(header):
+                raise PairsFileError(f"{path}:{start}: expected {len(header)} tab-separated fields, got {len(row)}")
+            pairs.append(SteeringPair(row[0], row[1]))
+            start = reader.line_num + 1
+    return pairs
+
+
+def read_hf_pairs(dataset_id: str, split: str, toxic_field: str, nontoxic_field: str) -> list[SteeringPair]:
+    """A Hugging Face dataset (needs network access and the `datasets` package)."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(f"reading the hub dataset {dataset_id!r} needs `pip install datasets`") from err
+    rows = datasets.load_dataset(dataset_id, split=split)
+    missing = {toxic_field, nontoxic_field} - set(rows.column_names)
+    if missing:
+        raise ValueError(f"dataset {dataset_id!r} has no column(s) {sorted(missing)}; it has {rows.column_names}")
+    return [SteeringPair(r[toxic_field], r[nontoxic_field]) for r in rows]
+
+
+def read_pairs(
+    source: str | Path,
+    format: PairsFormat = "auto",
+    toxic_field: str = "toxic",
+    nontoxic_field: str = "nontoxic",
+    split: str = "train",
+) -> list[SteeringPair]:
+    """Read every pair of a JSONL file, a ParaDetox TSV file or a hub dataset (`auto` decides by extension)."""
+    path = Path(source).expanduser()
+    if format == "auto":
+        if path.suffix in (".jsonl", ".json"):
+            format = "jsonl"
+        elif path.suffix in (".tsv", ".txt"):
+            format = "paradetox"
+        elif not path.exists() and str(source).count("/") == 1:
+            format = "hf"
+        else:
+            raise ValueError(
+                f"cannot tell the format of {source}: use a .jsonl or .tsv file, a hub dataset id, or set format"
+            )
+    if format == "hf":
+        return read_hf_pairs(str(source), split, toxic_field, nontoxic_field)
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs file not found: {path}")
+    if format == "jsonl":
+        return read_jsonl_pairs(path, toxic_field, nontoxic_field)
+    return read_paradetox_tsv(path)
+
+
+def usable_pairs(pairs: list[SteeringPair]) -> tuple[list[SteeringPair], dict[str, int]]:
+    """Drop pairs with an empty side or two identical sides; return the rest and what was skipped."""
+    kept, skipped = [], {"empty": 0, "identical": 0}
+    for pair in pairs:
+        toxic, nontoxic = pair.toxic.strip(), pair.nontoxic.strip()
+        if not toxic or not nontoxic:
+            skipped["empty"] += 1
+        elif toxic == nontoxic:
+            skipped["identical"] += 1
+        else:
+            kept.append(SteeringPair(toxic, nontoxic))
+    return kept, skipped
+
+
+def sample_pairs(pairs: list[SteeringPair], m: int, seed: int) -> list[SteeringPair]:
+    """m pairs drawn without replacement, the same for the same (pairs, m, seed)."""
+    if m < 2:
+        raise ValueError(f"m must be at least 2 (probes need pairs to train and validate on), got {m}")
+    if len(pairs) < m:
+        raise ValueError(f"asked for m={m} pairs but only {len(pairs)} usable pairs are available")
+    return random.Random(seed).sample(pairs, m)
+
+
+def source_digest(source: str | Path) -> str | None:
+    """sha256 of a pairs file's bytes (None for a hub dataset), recorded as provenance."""
+    path = Path(source).expanduser()
+    if not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class PairsDataset(Dataset):
+    """Cued pairs with their index in the sample (the index lets a multi-process run drop padded repeats)."""
+
+    def __init__(self, pairs: list[SteeringPair], toxic_cue: str, nontoxic_cue: str) -> None:
+        self.pairs, self.toxic_cue, self.nontoxic_cue = pairs, toxic_cue, nontoxic_cue
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        pair = self.pairs[index]
+        return {"index": index, "toxic": self.toxic_cue + pair.toxic, "nontoxic": self.nontoxic_cue + pair.nontoxic}
+
+
+def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "index": torch.tensor([i["index"] for i in items]),
+        "toxic": [i["toxic"] for i in items],
+        "nontoxic": [i["nontoxic"] for i in items],
+    }
+
+
+class SteeringPairsDataModule(L.LightningDataModule):
+    """Steering pairs for calibration (`fit`): m pairs sampled with a seed, cued, in batches of texts.
+
+    Args:
+        source: a JSONL file (`{"toxic": ..., "nontoxic": ...}` a line), a ParaDetox TSV file, or a hub dataset id.
+        m: how many pairs to sample (paper: 20 for GPT-2, 40 for LLMs).
+        seed: seed of the sample.
+        cues: prepend the paper's cues (`toxic_cue`, `nontoxic_cue`) to the two sides.
+        batch_size: pairs per step (each step runs both sides).
+        format: `auto` (by extension; `org/name` is a hub id), `jsonl`, `paradetox` or `hf`.
+        toxic_field, nontoxic_field: JSONL keys or hub dataset columns of the two sides.
+        split: hub dataset split.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        m: int = 40,
+        seed: int = 0,
+        cues: bool = True,
+        toxic_cue: str = TOXIC_CUE,
+        nontoxic_cue: str = NONTOXIC_CUE,
+        batch_size: int = 8,
+        format: PairsFormat = "auto",
+        toxic_field: str = "toxic",
+        nontoxic_field: str = "nontoxic",
+        split: str = "train",
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.pairs: list[SteeringPair] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.pairs is not None:
+            return
+        hp = self.hparams
+        everything = read_pairs(hp.source, hp.format, hp.toxic_field, hp.nontoxic_field, hp.split)
+        kept, skipped = usable_pairs(everything)
+        log.info(
+            "%s: %d pairs read, %d usable (skipped %d with an empty side, %d with identical sides)",
+            hp.source, len(everything), len(kept), skipped["empty"], skipped["identical"],
+        )
+        self.pairs = sample_pairs(kept, hp.m, hp.seed)
+
+    def provenance(self) -> dict[str, Any]:
+        """Where the pairs came from, without machine paths: file name and content hash, or the hub id."""
+        hp = self.hparams
+        return {
+            "source": Path(hp.source).name if Path(hp.source).expanduser().is_file() else hp.source,
+            "sha256": source_digest(hp.source),
+            "m": hp.m,
+            "seed": hp.seed,
+            "cues": {"toxic": hp.toxic_cue, "nontoxic": hp.nontoxic_cue} if hp.cues else None,
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        dataset = PairsDataset(self.pairs, hp.toxic_cue if hp.cues else "", hp.nontoxic_cue if hp.cues else "")
+        return DataLoader(
+            dataset, batch_size=hp.batch_size, shuffle=False, collate_fn=collate_pairs, num_workers=hp.num_workers
+        )
