@@ -167,7 +167,7 @@ class SteeringCheckpoint(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        trainer.save_checkpoint(tmp)  # every process calls it; the main one writes
+        trainer.save_checkpoint(tmp, weights_only=True)  # every process calls it; the main one writes
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
             pl_module.export_steering(self.path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import textwrap
-import warnings
 
 import lightning as L
 from jsonargparse import CLI
@@ -72,17 +71,11 @@ class DeSteinCLI(LightningCLI):
 EXTRA_COMMANDS = {"generate": generate}
 
 
-# Calibration runs a frozen model in eval mode with no optimizer, on purpose.
-QUIET = [".*module\\(s\\) in eval mode.*", ".*configure_optimizers. returned .None.*", ".*litlogger.*"]
-
-
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in EXTRA_COMMANDS:
         CLI(EXTRA_COMMANDS[args[0]], args=args[1:])
         return
-    for pattern in QUIET:
-        warnings.filterwarnings("ignore", pattern)
     DeSteinCLI(
         DeSteinModule,
         L.LightningDataModule,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,11 @@ from destein_pl.probes import HeadProbes, fit_head_probes
 from destein_pl.steering import SteeredCausalLM
 
 log = logging.getLogger(__name__)
+
+# Calibration runs a frozen model in eval mode with no optimizer, on purpose: Lightning's warnings about that
+# would only confuse.
+for _pattern in (r".*module\(s\) in eval mode.*", r".*configure_optimizers. returned .None.*"):
+    warnings.filterwarnings("ignore", _pattern)
 
 SIDES = ("toxic", "nontoxic")
 
@@ -130,10 +136,11 @@ class DeSteinModule(L.LightningModule):
         self.pairs_provenance = datamodule.provenance() if hasattr(datamodule, "provenance") else None
         self._recorded = {side: [] for side in SIDES}
         self._indices = []
-        self.log("calibration/pairs", float(len(toxic)))
-        self.log("calibration/mean_probe_accuracy", self.probes.accuracy.mean().item())
+        # Every process holds the same numbers: log them once.
+        self.log("calibration/pairs", float(len(toxic)), rank_zero_only=True)
+        self.log("calibration/mean_probe_accuracy", self.probes.accuracy.mean().item(), rank_zero_only=True)
         for layer, norm in enumerate(vectors.norm(dim=-1).mean(dim=-1).tolist()):
-            self.log(f"calibration/vector_norm/layer_{layer:02d}", norm)
+            self.log(f"calibration/vector_norm/layer_{layer:02d}", norm, rank_zero_only=True)
         log.info("calibrated on %d pairs: mean probe accuracy %.3f", len(toxic), self.probes.accuracy.mean())
 
     # ---- checkpoints -------------------------------------------------------------------------------------
@@ -159,15 +166,14 @@ class DeSteinModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if STEER_KEY_MARK in k}
         checkpoint["state_dict"].update({f"probes.{k}": v for k, v in self._probe_arrays().items()})
         checkpoint[METADATA_KEY] = self.steering_metadata()
-        # Neither resuming a finished calibration nor machine paths (data file, checkpoint folder) belong here:
-        # the pairs' provenance is in the metadata.
-        for key in ("callbacks", "datamodule_hyper_parameters", "datamodule_hparams_name"):
+        # The data module's arguments hold a local file path; the pairs' provenance is in the metadata instead.
+        for key in ("datamodule_hyper_parameters", "datamodule_hparams_name"):
             checkpoint.pop(key, None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
+        # Check the checkpoint fits this model before Lightning loads its buffers (non-strictly).
         apply_checkpoint_state(self.steered, checkpoint["state_dict"], checkpoint.get(METADATA_KEY), "checkpoint")
-        checkpoint["state_dict"] = {}  # already applied, after checking it fits
 
     def export_steering(self, ckpt_path: Path) -> None:
         """Write `<stem>.safetensors`, `<stem>.json` and `<stem>-probes.png` beside a Lightning checkpoint."""

@@ -55,3 +55,25 @@ def smollm2():
     from destein_pl import load_base_model
 
     return load_base_model("smollm2-135m")
+
+
+def save_tiny_model_dir(family: str, path: Path) -> Path:
+    """A tiny random model of `family` saved as a model folder with the embedded model's real tokenizer, so the
+    whole text pipeline (tokenize, pad, calibrate, generate) runs in seconds."""
+    from transformers import AutoTokenizer
+
+    from destein_pl.loading import builtin_model_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model_folder("smollm2-135m"))
+    config = TINY_CONFIGS[family]()
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = 2, 1, 2
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return save_tiny_model_dir("llama", tmp_path_factory.mktemp("tiny-llama"))

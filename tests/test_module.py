@@ -1,0 +1,129 @@
+"""Calibration as a Lightning fit: the vectors against a hand computation, and 2 processes against 1."""
+
+import json
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from destein_pl import architecture_for
+from destein_pl.checkpoint import SteeringCheckpoint
+from destein_pl.module import DeSteinModule
+from destein_pl.pairs import NONTOXIC_CUE, TOXIC_CUE, SteeringPairsDataModule
+from tests.conftest import SHARED_DATA
+
+PAIRS = [
+    {"toxic": "you are a stupid idiot", "nontoxic": "you are mistaken"},
+    {"toxic": "shut up, moron", "nontoxic": "please be quiet"},
+    {"toxic": "this is crap", "nontoxic": "this is not good"},
+    {"toxic": "what a dumb f***ing idea, honestly", "nontoxic": "what a questionable idea"},
+]
+
+
+def calibrate(model_dir, pairs_path, out_dir, **module_args):
+    module = DeSteinModule(base_model=str(model_dir), **module_args)
+    data = SteeringPairsDataModule(str(pairs_path), m=len(PAIRS), seed=0, batch_size=3)
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[SteeringCheckpoint(str(out_dir), "tiny")],
+    )
+    trainer.fit(module, data)
+    return module
+
+
+def hand_activations(model, tokenizer, text, last_k=8):
+    """[L, H, D]: projection inputs of one unpadded text, mean over its last k tokens, by plain hooks."""
+    arch = architecture_for(model.config)
+    inputs = []
+    hooks = [
+        getattr(block, arch.projection).register_forward_pre_hook(lambda m, a: inputs.append(a[0][0, -last_k:].mean(0)))
+        for block in arch.attention_blocks(model)
+    ]
+    with torch.no_grad():
+        model(**tokenizer(text, return_tensors="pt"))
+    for h in hooks:
+        h.remove()
+    heads = model.config.num_attention_heads
+    return torch.stack([x.view(heads, -1) for x in inputs])
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_llama_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("calibrated")
+    pairs_path = tmp / "pairs.jsonl"
+    pairs_path.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    module = calibrate(tiny_llama_dir, pairs_path, tmp, alpha=0.5)
+    return module, tmp
+
+
+def test_vectors_equal_hand_computation(calibrated, tiny_llama_dir):
+    module, _ = calibrated
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    diffs = [
+        hand_activations(model, tokenizer, NONTOXIC_CUE + p["nontoxic"]) - hand_activations(model, tokenizer, TOXIC_CUE + p["toxic"])
+        for p in PAIRS
+    ]
+    expected = torch.stack(diffs).mean(0)
+    torch.testing.assert_close(module.steered.vectors, expected, rtol=0, atol=1e-5)
+    assert module.steered.alpha == pytest.approx(0.5)
+    weights = module.steered.probe_weights
+    assert ((weights >= 0) & (weights <= 1)).all()
+    assert torch.equal(weights, module.probes.accuracy)
+
+
+def test_outputs_beside_the_checkpoint_and_metadata(calibrated):
+    _, out = calibrated
+    assert {p.name for p in out.iterdir()} >= {"tiny.ckpt", "tiny.safetensors", "tiny.json", "tiny-probes.png"}
+    meta = json.loads((out / "tiny.json").read_text())
+    assert meta["architecture"] == {"family": "llama", "model_type": "llama", "num_layers": 3, "num_heads": 4,
+                                    "head_dim": 8, "hidden_size": 32}
+    assert meta["pairs"]["source"] == "pairs.jsonl" and meta["pairs"]["m"] == 4
+    assert meta["options"]["head_weights"] == "probe" and meta["alpha"] == 0.5
+    checkpoint = torch.load(out / "tiny.ckpt", weights_only=True)
+    assert all(".steer_" in k or k.startswith("probes.") for k in checkpoint["state_dict"])
+    assert (out / "tiny-probes.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_uniform_weights_and_top_k_heads(tiny_llama_dir, calibrated, tmp_path):
+    _, out = calibrated
+    module = calibrate(tiny_llama_dir, out.parent / out.name / "pairs.jsonl", tmp_path, head_weights="uniform",
+                       top_k_heads=5)
+    weights = module.steered.probe_weights
+    assert int((weights == 1).sum()) == 5 and int((weights == 0).sum()) == weights.numel() - 5
+
+
+def test_max_epochs_other_than_one_is_an_error(tiny_llama_dir, calibrated):
+    _, out = calibrated
+    module = DeSteinModule(base_model=str(tiny_llama_dir))
+    data = SteeringPairsDataModule(str(out / "pairs.jsonl"), m=4)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="max_epochs=1"):
+        trainer.fit(module, data)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one(tiny_llama_dir, tmp_path):
+    """m=9 pairs over 2 processes: the distributed sampler repeats one pair, which must count once."""
+    def fit(devices, out):
+        cmd = [
+            sys.executable, "-m", "destein_pl.cli", "fit", "--model.base_model", str(tiny_llama_dir),
+            "--data", "destein_pl.pairs.SteeringPairsDataModule", "--data.source", str(SHARED_DATA / "paradetox" / "paradetox.tsv"),
+            "--data.m", "9", "--data.batch_size", "2", "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+            "--trainer.strategy", "ddp" if devices > 1 else "auto", "--trainer.logger", "false",
+            "--trainer.callbacks", "destein_pl.checkpoint.SteeringCheckpoint", "--trainer.callbacks.dirpath", str(out),
+            "--trainer.callbacks.filename", "tiny",
+        ]
+        subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path, timeout=600)
+        return load_file(out / "tiny.safetensors")
+
+    one, two = fit(1, tmp_path / "one"), fit(2, tmp_path / "two")
+    assert one.keys() == two.keys()
+    torch.testing.assert_close(two["vectors"], one["vectors"], rtol=0, atol=1e-6)
+    assert torch.equal(two["probe_weights"], one["probe_weights"])
+    assert json.loads((tmp_path / "two" / "tiny.json").read_text())["pairs"]["m"] == 9

@@ -1,0 +1,98 @@
+import json
+
+import pytest
+
+from destein_pl.pairs import (
+    NONTOXIC_CUE,
+    TOXIC_CUE,
+    PairsFileError,
+    SteeringPair,
+    SteeringPairsDataModule,
+    read_pairs,
+    sample_pairs,
+    usable_pairs,
+)
+from tests.conftest import SHARED_DATA
+
+PARADETOX = SHARED_DATA / "paradetox" / "paradetox.tsv"
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_jsonl_pairs_are_read_in_order(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"toxic": "you idiot", "nontoxic": "you there"}, "", {"toxic": "a", "nontoxic": "b"}])
+    assert read_pairs(path) == [SteeringPair("you idiot", "you there"), SteeringPair("a", "b")]
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [("{not json", "not valid JSON"), ('{"toxic": "x"}', "string fields 'toxic' and 'nontoxic'"), ("[1, 2]", "expected an object")],
+)
+def test_malformed_jsonl_line_names_file_and_line(tmp_path, bad, message):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"toxic": "a", "nontoxic": "b"}, "", bad])
+    with pytest.raises(PairsFileError, match=rf"p\.jsonl:3: .*{message}"):
+        read_pairs(path)
+
+
+def test_paradetox_tsv_reads_quoted_multiline_fields():
+    pairs = read_pairs(PARADETOX)
+    assert pairs[0] == SteeringPair("he had steel balls too !", "he was brave too!")
+    assert len(pairs) > 11_000
+    assert all("\t" not in p.toxic for p in pairs)
+
+
+def test_tsv_with_a_short_row_names_its_line(tmp_path):
+    path = tmp_path / "p.tsv"
+    path.write_text("toxic\tneutral1\tneutral2\tneutral3\na\tb\t\t\nc\td\n")
+    with pytest.raises(PairsFileError, match=r"p\.tsv:3: expected 4 tab-separated fields, got 2"):
+        read_pairs(path)
+    path.write_text("text\tlabel\n")
+    with pytest.raises(PairsFileError, match=r"p\.tsv:1: expected a header"):
+        read_pairs(path)
+
+
+def test_empty_and_identical_pairs_are_skipped_and_counted():
+    kept, skipped = usable_pairs(
+        [SteeringPair("bad", "good"), SteeringPair(" ", "x"), SteeringPair("same ", "same"), SteeringPair("y", "")]
+    )
+    assert kept == [SteeringPair("bad", "good")]
+    assert skipped == {"empty": 2, "identical": 1}
+
+
+def test_sampling_is_seeded_and_too_few_pairs_is_an_error():
+    pairs = [SteeringPair(f"t{i}", f"n{i}") for i in range(50)]
+    assert sample_pairs(pairs, 10, seed=3) == sample_pairs(pairs, 10, seed=3)
+    assert sample_pairs(pairs, 10, seed=3) != sample_pairs(pairs, 10, seed=4)
+    assert len(set(sample_pairs(pairs, 50, seed=0))) == 50
+    with pytest.raises(ValueError, match="asked for m=51 pairs but only 50 usable"):
+        sample_pairs(pairs, 51, seed=0)
+
+
+def test_missing_file_and_unknown_format_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pairs file not found"):
+        read_pairs(tmp_path / "none.jsonl")
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        read_pairs(tmp_path / "pairs.csv")
+
+
+def test_datamodule_cues_batches_and_provenance(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"toxic": f"bad {i}", "nontoxic": f"good {i}"} for i in range(7)] + [{"toxic": "z", "nontoxic": "z"}])
+    dm = SteeringPairsDataModule(str(path), m=5, seed=1, batch_size=2)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert [len(b["toxic"]) for b in batches] == [2, 2, 1]
+    first = batches[0]
+    assert first["toxic"][0].startswith(TOXIC_CUE) and first["nontoxic"][0].startswith(NONTOXIC_CUE)
+    assert first["toxic"][0][len(TOXIC_CUE):].replace("bad", "good") == first["nontoxic"][0][len(NONTOXIC_CUE):]
+    assert sorted(i for b in batches for i in b["index"].tolist()) == [0, 1, 2, 3, 4]
+    provenance = dm.provenance()
+    assert provenance["source"] == "p.jsonl" and provenance["m"] == 5 and len(provenance["sha256"]) == 64
+
+    plain = SteeringPairsDataModule(str(path), m=5, seed=1, cues=False)
+    plain.setup("fit")
+    assert next(iter(plain.train_dataloader()))["toxic"][0].startswith("bad ")
+    with pytest.raises(ValueError, match="only 7 usable"):
+        SteeringPairsDataModule(str(path), m=8).setup("fit")
