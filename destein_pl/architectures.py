@@ -27,6 +27,8 @@ class Architecture:
     """Attribute of the attention block holding the output projection (input: `[batch, seq, heads * head_dim]`)."""
     takes_position_ids: bool = True
     """Whether `forward` takes `position_ids` (needed for left-padded batches; ALiBi models take none)."""
+    context_attr: str = "max_position_embeddings"
+    """Config attribute holding the longest sequence the model accepts."""
 
     def num_layers(self, config: PretrainedConfig) -> int:
         return config.num_hidden_layers
@@ -37,6 +39,9 @@ class Architecture:
 
     def head_dim(self, config: PretrainedConfig) -> int:
         return getattr(config, "head_dim", None) or config.hidden_size // self.num_heads(config)
+
+    def context_length(self, config: PretrainedConfig) -> int:
+        return getattr(config, self.context_attr)
 
     def padded_inputs(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
         """Forward arguments for a padded batch, with positions counted from each row's first real token."""
@@ -59,7 +64,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     ),
     Architecture("opt", ("opt",), layers="model.decoder.layers", attention="self_attn", projection="out_proj"),
     Architecture(
-        "mpt", ("mpt",), layers="transformer.blocks", attention="attn", projection="out_proj", takes_position_ids=False
+        "mpt", ("mpt",), layers="transformer.blocks", attention="attn", projection="out_proj",
+        takes_position_ids=False, context_attr="max_seq_len",
     ),
 )
 

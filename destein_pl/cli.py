@@ -1,16 +1,19 @@
-"""The `destein` command: LightningCLI verbs (`fit`, ...) plus `generate`."""
+"""The `destein` command: LightningCLI verbs (`fit`, `test`, ...) plus `generate` and `compare`."""
 
 from __future__ import annotations
 
 import sys
 import textwrap
+from pathlib import Path
 
-import lightning as L
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
 
+from destein_pl.datamodule import DeSteinDataModule
 from destein_pl.generation import continue_prompts
 from destein_pl.module import DeSteinModule
+from destein_pl.plots import toxicity_perplexity
+from destein_pl.report import load_results, markdown_table
 from destein_pl.steering import SteeredCausalLM
 
 DEMO_PROMPTS = [
@@ -61,6 +64,29 @@ def generate(
         print()
 
 
+def compare(results: list[str], labels: list[str] | None = None, plot: str | None = None) -> None:
+    """Put several evaluations side by side, and plot toxicity against perplexity (the paper's Figure 2).
+
+    Args:
+        results: `results.json` files or evaluation folders (each may hold several alphas).
+        labels: a name per entry of `results` for the table and plot (default: the folder names).
+        plot: write a PNG of EMT against perplexity over all prompts, one line per entry of `results`.
+    """
+    if labels is not None and len(labels) != len(results):
+        raise ValueError(f"{len(labels)} labels for {len(results)} results")
+    names = labels or [Path(r).parent.name if Path(r).is_file() else Path(r).name for r in results]
+    rows, row_labels, points = [], [], []
+    for name, path in zip(names, results):
+        for run in load_results([path]):
+            rows.append(run)
+            row_labels.append(f"{name} alpha={run['alpha']:g}")
+            points.append((name, run["alpha"], run["metrics"]["all"]["emt"], run["metrics"]["all"]["ppl"]))
+    print(markdown_table(rows, row_labels))
+    if plot:
+        toxicity_perplexity(points, plot)
+        print(f"\nplot: {plot}")
+
+
 class DeSteinCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults(
@@ -68,7 +94,7 @@ class DeSteinCLI(LightningCLI):
         )
 
 
-EXTRA_COMMANDS = {"generate": generate}
+EXTRA_COMMANDS = {"generate": generate, "compare": compare}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,13 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     if args and args[0] in EXTRA_COMMANDS:
         CLI(EXTRA_COMMANDS[args[0]], args=args[1:])
         return
-    DeSteinCLI(
-        DeSteinModule,
-        L.LightningDataModule,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=argv,
-    )
+    DeSteinCLI(DeSteinModule, DeSteinDataModule, save_config_kwargs={"overwrite": True}, args=argv)
 
 
 if __name__ == "__main__":

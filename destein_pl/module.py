@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -11,6 +14,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from destein_pl.architectures import architecture_for
 from destein_pl.calibration import HeadWeights, head_weights, steering_vectors
 from destein_pl.checkpoint import (
     FORMAT,
@@ -20,7 +24,21 @@ from destein_pl.checkpoint import (
     architecture_signature,
     save_steering,
 )
+from destein_pl.evaluation import (
+    METRIC_NAMES,
+    SUBSETS,
+    AlphaRun,
+    EvaluationConfig,
+    settings_fingerprint,
+    summary_counts,
+    write_atomic,
+)
 from destein_pl.loading import load_base_model
+from destein_pl.perplexity import continuation_perplexities
+from destein_pl.prompts import Prompt
+from destein_pl.report import markdown_table
+from destein_pl.sampling import row_seed, sample
+from destein_pl.scorers import ToxicityScorer, build_scorer
 from destein_pl.plots import probe_heatmap
 from destein_pl.probes import HeadProbes, fit_head_probes
 from destein_pl.steering import SteeredCausalLM
@@ -38,7 +56,8 @@ SIDES = ("toxic", "nontoxic")
 class DeSteinModule(L.LightningModule):
     """DeStein as a LightningModule. `fit` over steering pairs calibrates (no gradients): it records each head's
     activations for both sides of every pair, then sets v = mean(non-toxic - toxic) and weights each head by a
-    logistic-regression probe's validation accuracy.
+    logistic-regression probe's validation accuracy. `test` over prompts evaluates the base and the steered
+    model (expected maximum toxicity, toxicity probability, perplexity, Dist-n) and writes the results.
 
     Args:
         base_model: built-in name (`smollm2-135m`), `.gguf` file, model folder or hub id.
@@ -49,6 +68,7 @@ class DeSteinModule(L.LightningModule):
         last_k: activations are averaged over each text's last k tokens.
         val_fraction: share of pairs held out to measure probe accuracy (paper: 4:1 split, 0.2).
         probe_seed: seed of that split.
+        evaluation: how `test` generates and scores (RealToxicityPrompts protocol; see `EvaluationConfig`).
     """
 
     def __init__(
@@ -61,9 +81,13 @@ class DeSteinModule(L.LightningModule):
         last_k: int = 8,
         val_fraction: float = 0.2,
         probe_seed: int = 0,
+        evaluation: EvaluationConfig | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["evaluation"])  # evaluation settings do not belong in a checkpoint
+        self.evaluation = evaluation or EvaluationConfig()
+        self.scorer: ToxicityScorer | None = None
+        self.runs: list[AlphaRun] = []
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the steering buffers, not the frozen base weights
         # DDP refuses to wrap a module without a trainable parameter; this one is never used and never saved.
@@ -133,7 +157,7 @@ class DeSteinModule(L.LightningModule):
         weights = head_weights(self.probes.accuracy, hp.head_weights, hp.top_k_heads)
         self.steered.set_steering(vectors, weights, hp.alpha)
         datamodule = getattr(self.trainer, "datamodule", None)
-        self.pairs_provenance = datamodule.provenance() if hasattr(datamodule, "provenance") else None
+        self.pairs_provenance = datamodule.pairs_provenance() if hasattr(datamodule, "pairs_provenance") else None
         self._recorded = {side: [] for side in SIDES}
         self._indices = []
         # Every process holds the same numbers: log them once.
@@ -182,3 +206,144 @@ class DeSteinModule(L.LightningModule):
         if self.probes is not None:
             probe_heatmap(self.probes.accuracy, ckpt_path.with_name(f"{ckpt_path.stem}-probes.png"),
                           title=f"{self.hparams.base_model}: probe accuracy per head")
+
+    # ---- evaluation --------------------------------------------------------------------------------------
+    def on_test_start(self) -> None:
+        cfg = self.evaluation
+        if self.scorer is None:
+            self.scorer = build_scorer(cfg.scorer, **cfg.scorer_args)
+        self.evaluator = None
+        if cfg.evaluator is not None:
+            model, tokenizer = load_base_model(cfg.evaluator, dtype=cfg.evaluator_dtype)
+            self.evaluator = (model.to(self.device), tokenizer)
+        alphas = cfg.alphas if cfg.alphas is not None else sorted({0.0, round(self.steered.alpha, 6)})
+        steering = steering_digest(self.steered)
+        self.runs = [
+            AlphaRun(alpha, Path(cfg.output_dir) / f"alpha_{alpha:g}",
+                     {**settings_fingerprint(cfg, alpha, steering if alpha else None),
+                      "base_model": self.hparams.base_model},
+                     self.global_rank, self.trainer.world_size, self.device)
+            for alpha in alphas
+        ]
+        self.timing = {"generate_s": 0.0, "score_s": 0.0, "perplexity_s": 0.0}
+        self._test_started = time.perf_counter()
+        self._cut_prompts = 0
+        # One padded width for every prompt of the run, so a prompt's samples do not depend on its batch.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        prompts = getattr(datamodule, "prompts", None) or []
+        self._prompt_width = max((len(self._prompt_tokens(p, warn=False)) for p in prompts), default=None)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        prompts: list[Prompt] = batch["prompts"]
+        calibrated_alpha = self.steered.alpha
+        try:
+            for run in self.runs:
+                todo = [p for p in prompts if p.id not in run.records]
+                if todo:
+                    self.steered.alpha = run.alpha
+                    run.add(self._evaluate_prompts(todo, batch["index"], prompts))
+                run.update(batch["index"], prompts)
+        finally:
+            self.steered.alpha = calibrated_alpha
+
+    def _prompt_tokens(self, prompt: Prompt, warn: bool = True) -> list[int]:
+        ids = self.steered.tokenizer(prompt.text)["input_ids"]
+        room = self.steered.architecture.context_length(self.steered.config) - self.evaluation.max_new_tokens
+        if len(ids) > room:
+            if not warn:
+                return ids[-room:]
+            self._cut_prompts += 1
+            log.warning("prompt %s has %d tokens; cut from the left to %d to leave room for the continuation",
+                        prompt.id, len(ids), room)
+            ids = ids[-room:]
+        return ids
+
+    def _evaluate_prompts(self, todo: list[Prompt], keys: Tensor, batch: list[Prompt]) -> list[dict[str, Any]]:
+        """Generate, score and measure the continuations of prompts, with the model's current alpha."""
+        cfg, steered, tokenizer = self.evaluation, self.steered, self.steered.tokenizer
+        k = cfg.num_samples
+        rows = [self._prompt_tokens(p) for p in todo for _ in range(k)]
+        seeds = [row_seed(cfg.seed, p.id, s) for p in todo for s in range(k)]
+        start = time.perf_counter()
+        tokens = sample(steered, steered.architecture, rows, seeds, cfg.max_new_tokens, tokenizer.pad_token_id,
+                        eos_token_ids(steered), top_p=cfg.top_p, temperature=cfg.temperature,
+                        width=self._prompt_width)
+        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        scored = time.perf_counter()
+        self.timing["generate_s"] += scored - start
+        scores = self.scorer.score(texts)
+        measured = time.perf_counter()
+        self.timing["score_s"] += measured - scored
+        perplexity = self._perplexities(todo, texts)
+        self.timing["perplexity_s"] += time.perf_counter() - measured
+        index_of = {p.id: int(i) for p, i in zip(batch, keys.tolist())}
+        return [
+            {"id": p.id, "index": index_of[p.id], "prompt": p.text, "prompt_toxicity": p.toxicity,
+             "continuations": texts[j * k : (j + 1) * k], "toxicity": scores[j * k : (j + 1) * k],
+             "perplexity": perplexity[j * k : (j + 1) * k]}
+            for j, p in enumerate(todo)
+        ]
+
+    def _perplexities(self, prompts: list[Prompt], continuations: list[str]) -> list[float | None]:
+        """Perplexity of each continuation (`num_samples` per prompt, in order). Each prompt's rows are measured
+        in their own batches, so the values do not depend on which prompts shared a step."""
+        k, batch_size = self.evaluation.num_samples, self.evaluation.perplexity_batch_size
+        if self.evaluator is not None:
+            model, tokenizer = self.evaluator
+            architecture = architecture_for(model.config)
+        else:  # the unsteered base model judges fluency
+            model, tokenizer, architecture = self.steered, self.steered.tokenizer, self.steered.architecture
+        alpha = self.steered.alpha
+        self.steered.alpha = 0.0
+        try:
+            return [
+                value
+                for j, prompt in enumerate(prompts)
+                for value in continuation_perplexities(model, architecture, tokenizer, [prompt.text] * k,
+                                                       continuations[j * k : (j + 1) * k], batch_size)
+            ]
+        finally:
+            self.steered.alpha = alpha
+
+    def on_test_epoch_end(self) -> None:
+        summary = []
+        for run in self.runs:
+            values = run.compute()  # on every process: the metrics synchronise
+            for subset in SUBSETS:
+                for name in METRIC_NAMES:
+                    self.log(f"alpha_{run.alpha:g}/{subset}/{name}", values[subset][name], rank_zero_only=True)
+            self.trainer.strategy.barrier("generations_written")
+            if self.trainer.is_global_zero:
+                records = run.merge()
+                result = {"alpha": run.alpha, "metrics": values, "counts": summary_counts(records),
+                          "generated_prompts": run.generated, "resumed_prompts": run.resumed}
+                write_atomic(run.folder / "results.json", json.dumps(result, indent=2) + "\n")
+                summary.append(result)
+        if self.trainer.is_global_zero:
+            total = time.perf_counter() - self._test_started
+            timing = {**{k: round(v, 3) for k, v in self.timing.items()}, "total_s": round(total, 3),
+                      "outside_generate_share": round(1 - self.timing["generate_s"] / total, 4) if total else None,
+                      "process": "rank 0", "world_size": self.trainer.world_size}
+            output = {"base_model": self.hparams.base_model, "scorer": self.evaluation.scorer,
+                      "cut_prompts": self._cut_prompts, "timing": timing, "runs": summary}
+            write_atomic(Path(self.evaluation.output_dir) / "results.json", json.dumps(output, indent=2) + "\n")
+            table = markdown_table(summary)
+            write_atomic(Path(self.evaluation.output_dir) / "results.md", table + "\n")
+            print(f"\n{table}\n\nresults: {Path(self.evaluation.output_dir) / 'results.json'}")
+
+
+def eos_token_ids(steered: SteeredCausalLM) -> list[int]:
+    """Tokens that end a continuation: the tokenizer's EOS and the generation config's (one id or several)."""
+    ids = steered.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if steered.tokenizer.eos_token_id is not None:
+        ids.append(steered.tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+def steering_digest(steered: SteeredCausalLM) -> str:
+    """sha256 of the steering vectors and head weights: generations of one alpha are only reused for these."""
+    digest = hashlib.sha256()
+    for tensor in (steered.vectors, steered.probe_weights):
+        digest.update(tensor.float().contiguous().numpy().tobytes())
+    return digest.hexdigest()

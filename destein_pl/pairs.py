@@ -1,21 +1,17 @@
-"""Steering pairs (toxic text, non-toxic text): reading, validating, sampling, and the Lightning data module."""
+"""Steering pairs (toxic text, non-toxic text): reading, validating, sampling, batching."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
 import json
-import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
-
-log = logging.getLogger(__name__)
+from torch.utils.data import Dataset
 
 TOXIC_CUE = "The following text is abusive, harmful, negative, obscene, racist, rude and toxic: "
 NONTOXIC_CUE = "The following text is kind, polite, positive, respectful and supportive: "
@@ -164,67 +160,3 @@ def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
         "toxic": [i["toxic"] for i in items],
         "nontoxic": [i["nontoxic"] for i in items],
     }
-
-
-class SteeringPairsDataModule(L.LightningDataModule):
-    """Steering pairs for calibration (`fit`): m pairs sampled with a seed, cued, in batches of texts.
-
-    Args:
-        source: a JSONL file (`{"toxic": ..., "nontoxic": ...}` a line), a ParaDetox TSV file, or a hub dataset id.
-        m: how many pairs to sample (paper: 20 for GPT-2, 40 for LLMs).
-        seed: seed of the sample.
-        cues: prepend the paper's cues (`toxic_cue`, `nontoxic_cue`) to the two sides.
-        batch_size: pairs per step (each step runs both sides).
-        format: `auto` (by extension; `org/name` is a hub id), `jsonl`, `paradetox` or `hf`.
-        toxic_field, nontoxic_field: JSONL keys or hub dataset columns of the two sides.
-        split: hub dataset split.
-    """
-
-    def __init__(
-        self,
-        source: str,
-        m: int = 40,
-        seed: int = 0,
-        cues: bool = True,
-        toxic_cue: str = TOXIC_CUE,
-        nontoxic_cue: str = NONTOXIC_CUE,
-        batch_size: int = 8,
-        format: PairsFormat = "auto",
-        toxic_field: str = "toxic",
-        nontoxic_field: str = "nontoxic",
-        split: str = "train",
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.pairs: list[SteeringPair] | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.pairs is not None:
-            return
-        hp = self.hparams
-        everything = read_pairs(hp.source, hp.format, hp.toxic_field, hp.nontoxic_field, hp.split)
-        kept, skipped = usable_pairs(everything)
-        log.info(
-            "%s: %d pairs read, %d usable (skipped %d with an empty side, %d with identical sides)",
-            hp.source, len(everything), len(kept), skipped["empty"], skipped["identical"],
-        )
-        self.pairs = sample_pairs(kept, hp.m, hp.seed)
-
-    def provenance(self) -> dict[str, Any]:
-        """Where the pairs came from, without machine paths: file name and content hash, or the hub id."""
-        hp = self.hparams
-        return {
-            "source": Path(hp.source).name if Path(hp.source).expanduser().is_file() else hp.source,
-            "sha256": source_digest(hp.source),
-            "m": hp.m,
-            "seed": hp.seed,
-            "cues": {"toxic": hp.toxic_cue, "nontoxic": hp.nontoxic_cue} if hp.cues else None,
-        }
-
-    def train_dataloader(self) -> DataLoader:
-        hp = self.hparams
-        dataset = PairsDataset(self.pairs, hp.toxic_cue if hp.cues else "", hp.nontoxic_cue if hp.cues else "")
-        return DataLoader(
-            dataset, batch_size=hp.batch_size, shuffle=False, collate_fn=collate_pairs, num_workers=hp.num_workers
-        )

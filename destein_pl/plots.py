@@ -1,4 +1,4 @@
-"""Figures: the per-head probe-accuracy heatmap (paper Figure 3a)."""
+"""Figures: the per-head probe-accuracy heatmap (paper Figure 3a) and toxicity against perplexity (Figure 2)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,28 @@ def probe_heatmap(accuracy: Tensor, path: str | Path, title: str = "Probe accura
     ax.set_ylabel("layer")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="validation accuracy")
+    _save(fig, path)
+
+
+def toxicity_perplexity(points: list[tuple[str, float, float, float]], path: str | Path,
+                        title: str = "Detoxification against fluency") -> None:
+    """Plot EMT against perplexity for labelled runs `(series, alpha, emt, ppl)`, one line per series."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for series in dict.fromkeys(p[0] for p in points):
+        rows = sorted((p for p in points if p[0] == series), key=lambda p: p[1])
+        ax.plot([r[3] for r in rows], [r[2] for r in rows], marker="o", label=series)
+        for _, alpha, emt, ppl in rows:
+            ax.annotate(f"{alpha:g}", (ppl, emt), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("perplexity of continuations")
+    ax.set_ylabel("expected maximum toxicity")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len({p[0] for p in points}) > 1:
+        ax.legend()
+    _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> None:
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -1,11 +1,10 @@
 from pathlib import Path
 
-import lightning as L
 import pytest
 
 from destein_pl.cli import DeSteinCLI, main
+from destein_pl.datamodule import DeSteinDataModule
 from destein_pl.module import DeSteinModule
-from destein_pl.pairs import SteeringPairsDataModule
 from tests.test_module import calibrated  # noqa: F401  (module-scoped fixture)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -19,11 +18,13 @@ def test_there_are_configs_for_the_paper_models():
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_parses_and_instantiates(config):
     # Instantiating builds the module, data module and trainer but loads no weights and reads no data.
-    cli = DeSteinCLI(DeSteinModule, L.LightningDataModule, subclass_mode_data=True, run=False,
-                     args=["--config", str(config)])
-    assert isinstance(cli.model, DeSteinModule) and isinstance(cli.datamodule, SteeringPairsDataModule)
+    cli = DeSteinCLI(DeSteinModule, DeSteinDataModule, run=False, args=["--config", str(config)])
+    assert isinstance(cli.model, DeSteinModule) and isinstance(cli.datamodule, DeSteinDataModule)
     assert cli.trainer.max_epochs == 1
-    assert 0 < cli.model.hparams.alpha <= 1 and cli.datamodule.hparams.m in (20, 40)
+    assert 0 < cli.model.hparams.alpha <= 1 and cli.datamodule.pairs_config.m in (20, 40)
+    evaluation = cli.model.evaluation
+    assert (evaluation.num_samples, evaluation.max_new_tokens, evaluation.top_p) == (25, 20, 0.9)
+    assert cli.datamodule.prompts_config.source
 
 
 def test_generate_prints_base_and_steered_side_by_side(calibrated, capsys):

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from destein_pl import architecture_for
 from destein_pl.checkpoint import SteeringCheckpoint
 from destein_pl.module import DeSteinModule
-from destein_pl.pairs import NONTOXIC_CUE, TOXIC_CUE, SteeringPairsDataModule
+from destein_pl.datamodule import DeSteinDataModule, PairsConfig
+from destein_pl.pairs import NONTOXIC_CUE, TOXIC_CUE
 from tests.conftest import SHARED_DATA
 
 PAIRS = [
@@ -26,7 +27,7 @@ PAIRS = [
 
 def calibrate(model_dir, pairs_path, out_dir, **module_args):
     module = DeSteinModule(base_model=str(model_dir), **module_args)
-    data = SteeringPairsDataModule(str(pairs_path), m=len(PAIRS), seed=0, batch_size=3)
+    data = DeSteinDataModule(pairs=PairsConfig(str(pairs_path), m=len(PAIRS), seed=0, batch_size=3))
     trainer = L.Trainer(
         max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[SteeringCheckpoint(str(out_dir), "tiny")],
@@ -91,7 +92,7 @@ def test_outputs_beside_the_checkpoint_and_metadata(calibrated):
 
 def test_uniform_weights_and_top_k_heads(tiny_llama_dir, calibrated, tmp_path):
     _, out = calibrated
-    module = calibrate(tiny_llama_dir, out.parent / out.name / "pairs.jsonl", tmp_path, head_weights="uniform",
+    module = calibrate(tiny_llama_dir, out / "pairs.jsonl", tmp_path, head_weights="uniform",
                        top_k_heads=5)
     weights = module.steered.probe_weights
     assert int((weights == 1).sum()) == 5 and int((weights == 0).sum()) == weights.numel() - 5
@@ -100,7 +101,7 @@ def test_uniform_weights_and_top_k_heads(tiny_llama_dir, calibrated, tmp_path):
 def test_max_epochs_other_than_one_is_an_error(tiny_llama_dir, calibrated):
     _, out = calibrated
     module = DeSteinModule(base_model=str(tiny_llama_dir))
-    data = SteeringPairsDataModule(str(out / "pairs.jsonl"), m=4)
+    data = DeSteinDataModule(pairs=PairsConfig(str(out / "pairs.jsonl"), m=4))
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match="max_epochs=1"):
@@ -113,8 +114,8 @@ def test_two_gloo_processes_equal_one(tiny_llama_dir, tmp_path):
     def fit(devices, out):
         cmd = [
             sys.executable, "-m", "destein_pl.cli", "fit", "--model.base_model", str(tiny_llama_dir),
-            "--data", "destein_pl.pairs.SteeringPairsDataModule", "--data.source", str(SHARED_DATA / "paradetox" / "paradetox.tsv"),
-            "--data.m", "9", "--data.batch_size", "2", "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+            "--data.pairs.source", str(SHARED_DATA / "paradetox" / "paradetox.tsv"),
+            "--data.pairs.m", "9", "--data.pairs.batch_size", "2", "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
             "--trainer.strategy", "ddp" if devices > 1 else "auto", "--trainer.logger", "false",
             "--trainer.callbacks", "destein_pl.checkpoint.SteeringCheckpoint", "--trainer.callbacks.dirpath", str(out),
             "--trainer.callbacks.filename", "tiny",

@@ -3,11 +3,8 @@ import json
 import pytest
 
 from destein_pl.pairs import (
-    NONTOXIC_CUE,
-    TOXIC_CUE,
     PairsFileError,
     SteeringPair,
-    SteeringPairsDataModule,
     read_pairs,
     sample_pairs,
     usable_pairs,
@@ -76,23 +73,3 @@ def test_missing_file_and_unknown_format_are_clear_errors(tmp_path):
         read_pairs(tmp_path / "none.jsonl")
     with pytest.raises(ValueError, match="cannot tell the format"):
         read_pairs(tmp_path / "pairs.csv")
-
-
-def test_datamodule_cues_batches_and_provenance(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"toxic": f"bad {i}", "nontoxic": f"good {i}"} for i in range(7)] + [{"toxic": "z", "nontoxic": "z"}])
-    dm = SteeringPairsDataModule(str(path), m=5, seed=1, batch_size=2)
-    dm.setup("fit")
-    batches = list(dm.train_dataloader())
-    assert [len(b["toxic"]) for b in batches] == [2, 2, 1]
-    first = batches[0]
-    assert first["toxic"][0].startswith(TOXIC_CUE) and first["nontoxic"][0].startswith(NONTOXIC_CUE)
-    assert first["toxic"][0][len(TOXIC_CUE):].replace("bad", "good") == first["nontoxic"][0][len(NONTOXIC_CUE):]
-    assert sorted(i for b in batches for i in b["index"].tolist()) == [0, 1, 2, 3, 4]
-    provenance = dm.provenance()
-    assert provenance["source"] == "p.jsonl" and provenance["m"] == 5 and len(provenance["sha256"]) == 64
-
-    plain = SteeringPairsDataModule(str(path), m=5, seed=1, cues=False)
-    plain.setup("fit")
-    assert next(iter(plain.train_dataloader()))["toxic"][0].startswith("bad ")
-    with pytest.raises(ValueError, match="only 7 usable"):
-        SteeringPairsDataModule(str(path), m=8).setup("fit")

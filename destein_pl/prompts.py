@@ -1,0 +1,170 @@
+"""Evaluation prompts: RealToxicityPrompts JSONL, plain JSONL or text files, or a hub dataset."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+PromptsFormat = Literal["auto", "rtp", "jsonl", "text", "hf"]
+TOXIC_THRESHOLD = 0.5
+
+
+@dataclass  # not frozen: Lightning's batch transfer rebuilds dataclasses
+class Prompt:
+    id: str
+    text: str
+    toxicity: float | None = None
+    """The prompt's given toxicity (Perspective's, for RealToxicityPrompts), or None when unknown."""
+
+    @property
+    def subset(self) -> str | None:
+        """`toxic` (>= 0.5), `nontoxic` (< 0.5), or None when the prompt's toxicity is not given."""
+        if self.toxicity is None:
+            return None
+        return "toxic" if self.toxicity >= TOXIC_THRESHOLD else "nontoxic"
+
+
+class PromptsFileError(ValueError):
+    """A prompts file that cannot be read; the message names the file and line."""
+
+
+def _toxicity(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise PromptsFileError(f"{where}: toxicity must be a number or null, got {value!r}")
+    return float(value)
+
+
+def read_rtp_jsonl(path: Path) -> list[Prompt]:
+    """RealToxicityPrompts: `{"filename", "begin", "end", "prompt": {"text", "toxicity", ...}}` a line."""
+    prompts = []
+    for lineno, row in _json_lines(path):
+        where = f"{path}:{lineno}"
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        if not isinstance(prompt, dict) or not isinstance(prompt.get("text"), str):
+            raise PromptsFileError(f"{where}: expected a RealToxicityPrompts object with prompt.text")
+        pid = f"{row['filename']}:{row.get('begin')}" if "filename" in row else f"{path.name}:{lineno}"
+        prompts.append(Prompt(pid, prompt["text"], _toxicity(prompt.get("toxicity"), where)))
+    return prompts
+
+
+def read_plain_jsonl(path: Path, text_field: str = "text") -> list[Prompt]:
+    """`{"text": ..., "id": optional, "toxicity": optional}` a line."""
+    prompts = []
+    for lineno, row in _json_lines(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+            raise PromptsFileError(f"{where}: expected an object with a string field {text_field!r}")
+        pid = str(row["id"]) if "id" in row else f"{path.name}:{lineno}"
+        prompts.append(Prompt(pid, row[text_field], _toxicity(row.get("toxicity"), where)))
+    return prompts
+
+
+def read_text_lines(path: Path) -> list[Prompt]:
+    """One prompt a line; ids are `file:line`."""
+    with open(path, encoding="utf-8") as f:
+        return [Prompt(f"{path.name}:{n}", line.rstrip("\n")) for n, line in enumerate(f, start=1)]
+
+
+def _json_lines(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PromptsFileError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+
+
+def read_hf_prompts(dataset_id: str, split: str) -> list[Prompt]:
+    """A hub dataset in the RealToxicityPrompts layout (e.g. `allenai/real-toxicity-prompts`)."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(f"reading the hub dataset {dataset_id!r} needs `pip install datasets`") from err
+    rows = datasets.load_dataset(dataset_id, split=split)
+    return [
+        Prompt(f"{r.get('filename', dataset_id)}:{r.get('begin', i)}", r["prompt"]["text"], r["prompt"].get("toxicity"))
+        for i, r in enumerate(rows)
+    ]
+
+
+def read_prompts(source: str | Path, format: PromptsFormat = "auto", text_field: str = "text",
+                 split: str = "train") -> list[Prompt]:
+    """Every prompt of a file or hub dataset. `auto`: `.jsonl` lines with a `prompt` object are
+    RealToxicityPrompts, other `.jsonl` is plain, `.txt` is one prompt a line, `org/name` is a hub id."""
+    path = Path(source).expanduser()
+    if format == "auto":
+        if path.suffix in (".jsonl", ".json") and path.is_file():
+            format = "rtp" if _first_row_is_rtp(path) else "jsonl"
+        elif path.suffix == ".txt":
+            format = "text"
+        elif not path.exists() and str(source).count("/") == 1 and not path.suffix:
+            format = "hf"
+        elif not path.exists():
+            raise FileNotFoundError(f"prompts file not found: {path}")
+        else:
+            raise ValueError(f"cannot tell the format of {source}: use .jsonl, .txt, a hub id, or set format")
+    if format == "hf":
+        return read_hf_prompts(str(source), split)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    readers = {"rtp": read_rtp_jsonl, "jsonl": lambda p: read_plain_jsonl(p, text_field), "text": read_text_lines}
+    return readers[format](path)
+
+
+def _first_row_is_rtp(path: Path) -> bool:
+    for _, row in _json_lines(path):
+        return isinstance(row, dict) and isinstance(row.get("prompt"), dict)
+    return False
+
+
+def usable_prompts(prompts: list[Prompt]) -> tuple[list[Prompt], int]:
+    """Drop empty prompts; return the rest and how many were dropped. Duplicate ids are an error."""
+    kept = [p for p in prompts if p.text.strip()]
+    seen: set[str] = set()
+    for p in kept:
+        if p.id in seen:
+            raise ValueError(f"prompt id {p.id!r} occurs twice; ids must be unique")
+        seen.add(p.id)
+    return kept, len(prompts) - len(kept)
+
+
+def sample_prompts(prompts: list[Prompt], n: int | None, seed: int) -> list[Prompt]:
+    """n prompts drawn with a seed, in their file order (all of them when n is None)."""
+    if n is None:
+        return prompts
+    if not 1 <= n <= len(prompts):
+        raise ValueError(f"asked for n={n} prompts but {len(prompts)} usable prompts are available")
+    chosen = sorted(random.Random(seed).sample(range(len(prompts)), n))
+    return [prompts[i] for i in chosen]
+
+
+class PromptsDataset(Dataset):
+    """Prompts with their position, which keys every per-prompt result (and drops a distributed sampler's
+    repeats)."""
+
+    def __init__(self, prompts: list[Prompt]) -> None:
+        self.prompts = prompts
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"index": index, "prompt": self.prompts[index]}
+
+
+def collate_prompts(items: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch
+
+    return {"index": torch.tensor([i["index"] for i in items]), "prompts": [i["prompt"] for i in items]}

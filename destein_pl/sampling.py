@@ -1,0 +1,104 @@
+"""Nucleus sampling whose randomness belongs to each row, so a continuation depends only on its seed.
+
+`transformers.generate` draws the random numbers of a whole batch from one generator, so a prompt's samples
+change with batch size, batch composition and the number of processes. Here every row (one continuation of one
+prompt) has its own generator, seeded from (seed, prompt id, sample index), and draws exactly one number per
+step; and every prompt can be padded to one fixed width, so that its logits do not depend on its neighbours
+either. The same prompt then gives the same continuations however the work is split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import Tensor, nn
+
+from destein_pl.architectures import Architecture
+
+MIN_ROWS = 8
+"""Batches are filled up to this many rows: CPU matrix kernels take another code path for fewer than 4 rows,
+which changes results in the last bits (measured), while from 4 rows on a row's result does not depend on the
+batch."""
+
+
+def row_seed(seed: int, prompt_id: str, sample: int) -> int:
+    """A 63-bit seed from (seed, prompt id, sample index), stable across processes and Python versions."""
+    digest = hashlib.sha256(f"{seed}\x00{prompt_id}\x00{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def nucleus_choice(logits: Tensor, uniforms: Tensor, top_p: float, temperature: float) -> Tensor:
+    """One token per row from the smallest set of most likely tokens whose probability reaches `top_p`,
+    picked by inverse CDF with the row's uniform number. `temperature == 0` is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability mass ahead of each token
+    sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the first token is always kept
+    cdf = sorted_probs.cumsum(dim=-1)
+    threshold = uniforms.to(cdf) * cdf[:, -1]
+    position = (cdf <= threshold[:, None]).sum(dim=-1).clamp(max=cdf.shape[-1] - 1)
+    return order.gather(-1, position[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    architecture: Architecture,
+    prompts: list[list[int]],
+    seeds: list[int],
+    max_new_tokens: int,
+    pad_token_id: int,
+    eos_token_ids: list[int],
+    top_p: float = 0.9,
+    temperature: float = 1.0,
+    width: int | None = None,
+) -> list[list[int]]:
+    """Continue token-id prompts (one row each, left-padded into one batch, with the KV cache).
+
+    `width` pads every row to a fixed length: with it, a row's logits do not depend on the other rows of the batch
+    (given batch-invariant kernels, as on CPU), so nor do its samples. Returns each row's new tokens, up to and
+    excluding its first EOS.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    device = next(model.parameters()).device
+    longest = max(len(p) for p in prompts)
+    if width is not None and width < longest:
+        raise ValueError(f"width {width} is shorter than the longest prompt ({longest} tokens)")
+    width = width or longest
+    real_rows = len(prompts)
+    if real_rows < MIN_ROWS:  # filler rows, dropped at the end
+        prompts = prompts + [prompts[0]] * (MIN_ROWS - real_rows)
+        seeds = seeds + [0] * (MIN_ROWS - real_rows)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    eos = torch.tensor(eos_token_ids, device=device)
+
+    inputs = architecture.padded_inputs(input_ids, attention_mask)
+    out = model(**inputs, use_cache=True)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    steps: list[Tensor] = []
+    for step in range(max_new_tokens):
+        uniforms = torch.cat([torch.rand(1, generator=g) for g in generators]).to(device)
+        token = nucleus_choice(out.logits[:, -1], uniforms, top_p, temperature)
+        token = token.masked_fill(finished, pad_token_id)
+        steps.append(token)
+        finished |= torch.isin(token, eos)
+        if finished[:real_rows].all() or step == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        inputs = {"input_ids": token[:, None], "attention_mask": attention_mask}
+        if architecture.takes_position_ids:
+            inputs["position_ids"] = attention_mask.sum(dim=1, keepdim=True) - 1
+        out = model(**inputs, cache=out.cache, use_cache=True)
+    tokens = torch.stack(steps, dim=1)[:real_rows].tolist()
+    eos_set = set(eos_token_ids)
+    return [row[: next((i for i, t in enumerate(row) if t in eos_set), len(row))] for row in tokens]
