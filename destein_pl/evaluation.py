@@ -43,6 +43,9 @@ class EvaluationConfig:
         evaluator: language model for perplexity (name, path or hub id); None: the unsteered base model.
         evaluator_dtype: its dtype (None: as stored).
         perplexity_batch_size: sequences per evaluator forward pass.
+        attn_implementation: attention kernels while generating. `eager` (default) gives a prompt the same
+            samples whatever batch it shares; `sdpa`'s CPU kernel splits its work by batch size, so samples can
+            then change in rare cases with the batch. None keeps the model's.
     """
 
     output_dir: str = "runs/eval"
@@ -57,6 +60,7 @@ class EvaluationConfig:
     evaluator: str | None = None
     evaluator_dtype: str | None = None
     perplexity_batch_size: int = 64
+    attn_implementation: str | None = "eager"
 
 
 def new_metrics() -> nn.ModuleDict:

@@ -210,6 +210,8 @@ class DeSteinModule(L.LightningModule):
     # ---- evaluation --------------------------------------------------------------------------------------
     def on_test_start(self) -> None:
         cfg = self.evaluation
+        if cfg.attn_implementation is not None:
+            self.steered.model.set_attn_implementation(cfg.attn_implementation)
         if self.scorer is None:
             self.scorer = build_scorer(cfg.scorer, **cfg.scorer_args)
         self.evaluator = None
@@ -262,13 +264,12 @@ class DeSteinModule(L.LightningModule):
         """Generate, score and measure the continuations of prompts, with the model's current alpha."""
         cfg, steered, tokenizer = self.evaluation, self.steered, self.steered.tokenizer
         k = cfg.num_samples
-        rows = [self._prompt_tokens(p) for p in todo for _ in range(k)]
-        seeds = [row_seed(cfg.seed, p.id, s) for p in todo for s in range(k)]
+        seeds = [[row_seed(cfg.seed, p.id, s) for s in range(k)] for p in todo]
         start = time.perf_counter()
-        tokens = sample(steered, steered.architecture, rows, seeds, cfg.max_new_tokens, tokenizer.pad_token_id,
-                        eos_token_ids(steered), top_p=cfg.top_p, temperature=cfg.temperature,
-                        width=self._prompt_width)
-        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        tokens = sample(steered, steered.architecture, [self._prompt_tokens(p) for p in todo], seeds,
+                        cfg.max_new_tokens, tokenizer.pad_token_id, eos_token_ids(steered), top_p=cfg.top_p,
+                        temperature=cfg.temperature, width=self._prompt_width)
+        texts = tokenizer.batch_decode([row for rows in tokens for row in rows], skip_special_tokens=True)
         scored = time.perf_counter()
         self.timing["generate_s"] += scored - start
         scores = self.scorer.score(texts)

@@ -49,10 +49,11 @@ def continuation_perplexities(
             mask[row, width - len(seq) :] = 1
             target_mask[row, width - len(target) :] = True
         ids, mask, target_mask = ids.to(device), mask.to(device), target_mask.to(device)
-        logits = model(**architecture.padded_inputs(ids, mask), use_cache=False).logits.float()
-        # position t predicts token t + 1
-        nll = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-        counted = target_mask[:, 1:]
+        longest = max(len(t) for _, _, t in chunk)
+        # Logits only where they predict continuation tokens: position t predicts token t + 1.
+        logits = model(**architecture.padded_inputs(ids, mask), use_cache=False, logits_to_keep=longest + 1).logits
+        nll = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, -longest:], reduction="none")
+        counted = target_mask[:, -longest:]
         mean_nll = (nll * counted).sum(dim=1) / counted.sum(dim=1)
         for (i, _, _), value in zip(chunk, mean_nll.tolist()):
             results[i] = math.exp(value)

@@ -48,57 +48,62 @@ def sample(
     model: nn.Module,
     architecture: Architecture,
     prompts: list[list[int]],
-    seeds: list[int],
+    seeds: list[list[int]],
     max_new_tokens: int,
     pad_token_id: int,
     eos_token_ids: list[int],
     top_p: float = 0.9,
     temperature: float = 1.0,
     width: int | None = None,
-) -> list[list[int]]:
-    """Continue token-id prompts (one row each, left-padded into one batch, with the KV cache).
+) -> list[list[list[int]]]:
+    """Continue token-id prompts, `len(seeds[p])` samples of prompt p, all in one batch with the KV cache.
 
-    `width` pads every row to a fixed length: with it, a row's logits do not depend on the other rows of the batch
-    (given batch-invariant kernels, as on CPU), so nor do its samples. Returns each row's new tokens, up to and
-    excluding its first EOS.
+    Each prompt is run once (left-padded to `width`, or to the longest prompt) and its cache repeated for its
+    samples. With a fixed `width`, a row's logits do not depend on the other rows of the batch (given
+    batch-invariant kernels, as on CPU), so nor do its samples. Returns, per prompt and sample, the new tokens up
+    to and excluding the first EOS.
     """
-    if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if len(prompts) != len(seeds) or len({len(s) for s in seeds}) != 1:
+        raise ValueError("seeds must hold one list of the same length per prompt")
     device = next(model.parameters()).device
     longest = max(len(p) for p in prompts)
     if width is not None and width < longest:
         raise ValueError(f"width {width} is shorter than the longest prompt ({longest} tokens)")
     width = width or longest
-    real_rows = len(prompts)
-    if real_rows < MIN_ROWS:  # filler rows, dropped at the end
-        prompts = prompts + [prompts[0]] * (MIN_ROWS - real_rows)
-        seeds = seeds + [0] * (MIN_ROWS - real_rows)
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    samples = len(seeds[0])
+    repeats = max(samples, -(-MIN_ROWS // len(prompts)))  # rows beyond `samples` are filler, dropped at the end
+    rows = prompts + [prompts[0]] * max(0, MIN_ROWS - len(prompts))  # filler rows, dropped after the prefill
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(prompts):
+    for row, ids in enumerate(rows):
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         attention_mask[row, width - len(ids) :] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    eos = torch.tensor(eos_token_ids, device=device)
 
-    inputs = architecture.padded_inputs(input_ids, attention_mask)
-    out = model(**inputs, use_cache=True)
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    out = model(**architecture.padded_inputs(input_ids, attention_mask), use_cache=True, logits_to_keep=1)
+    cache, real_prompts = out.cache, torch.arange(len(prompts), device=device)
+    cache.batch_select_indices(real_prompts)
+    cache.batch_repeat_interleave(repeats)
+    logits = out.logits[real_prompts, -1].repeat_interleave(repeats, dim=0)
+    attention_mask = attention_mask[real_prompts].repeat_interleave(repeats, dim=0)
+    generators = [torch.Generator().manual_seed(s) for row in seeds for s in row + [0] * (repeats - samples)]
+    real = (torch.arange(repeats, device=device) < samples).repeat(len(prompts))
+    eos = torch.tensor(eos_token_ids, device=device)
+    finished = torch.zeros(len(generators), dtype=torch.bool, device=device)
     steps: list[Tensor] = []
     for step in range(max_new_tokens):
         uniforms = torch.cat([torch.rand(1, generator=g) for g in generators]).to(device)
-        token = nucleus_choice(out.logits[:, -1], uniforms, top_p, temperature)
-        token = token.masked_fill(finished, pad_token_id)
+        token = nucleus_choice(logits, uniforms, top_p, temperature).masked_fill(finished, pad_token_id)
         steps.append(token)
         finished |= torch.isin(token, eos)
-        if finished[:real_rows].all() or step == max_new_tokens - 1:
+        if finished[real].all() or step == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         inputs = {"input_ids": token[:, None], "attention_mask": attention_mask}
         if architecture.takes_position_ids:
             inputs["position_ids"] = attention_mask.sum(dim=1, keepdim=True) - 1
-        out = model(**inputs, cache=out.cache, use_cache=True)
-    tokens = torch.stack(steps, dim=1)[:real_rows].tolist()
+        out = model(**inputs, cache=cache, use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1]
+    tokens = torch.stack(steps, dim=1).view(len(prompts), repeats, -1)[:, :samples].tolist()
     eos_set = set(eos_token_ids)
-    return [row[: next((i for i, t in enumerate(row) if t in eos_set), len(row))] for row in tokens]
+    return [[row[: next((i for i, t in enumerate(row) if t in eos_set), len(row))] for row in rows] for rows in tokens]

@@ -39,28 +39,31 @@ def test_greedy_equals_transformers_generate(family):
     steered.set_steering(torch.randn(steered.num_layers, steered.num_heads, steered.head_dim, generator=g),
                          torch.rand(steered.num_layers, steered.num_heads, generator=g), alpha=0.5)
     prompts = [[5, 9, 14, 3, 22], [7, 8]]
-    ours = sample(steered, steered.architecture, prompts, [1, 2], max_new_tokens=6, pad_token_id=0,
+    ours = sample(steered, steered.architecture, prompts, [[1, 3], [2, 4]], max_new_tokens=6, pad_token_id=0,
                   eos_token_ids=[], temperature=0)
-    for row, ids in zip(ours, prompts):
+    for (row, again), ids in zip(ours, prompts):
+        assert row == again  # greedy: both samples alike
         x = torch.tensor([ids])
         reference = steered.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6,
                                      min_new_tokens=6, do_sample=False)
         assert row == reference[0, len(ids):].tolist()
 
 
-def test_a_rows_continuation_depends_only_on_its_seed():
-    steered = SteeredCausalLM(tiny_model("llama"))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_samples_continuation_depends_only_on_its_seed(family):
+    steered = SteeredCausalLM(tiny_model(family))
     arch = steered.architecture
     prompt, other = [5, 9, 14, 3], [40, 41, 42, 43, 44, 45, 46, 47]
-    alone = sample(steered, arch, [prompt, prompt], [11, 12], 10, 0, [2])
-    mixed = sample(steered, arch, [other, prompt, other, prompt], [99, 11, 98, 12], 10, 0, [2])
-    assert mixed[1] == alone[0] and mixed[3] == alone[1]
-    assert alone[0] != alone[1]  # different seeds, different samples
+    alone = sample(steered, arch, [prompt], [[11, 12]], 10, 0, [2], width=8)
+    mixed = sample(steered, arch, [other, prompt, other], [[99, 98, 97], [11, 12, 13], [96, 95, 94]], 10, 0, [2],
+                   width=8)
+    assert mixed[1][:2] == alone[0]
+    assert alone[0][0] != alone[0][1]  # different seeds, different samples
 
 
 def test_eos_ends_a_row():
     steered = SteeredCausalLM(tiny_model("gpt2"))
-    full = sample(steered, steered.architecture, [[5, 6, 7]], [3], 12, 0, [], temperature=0)[0]
+    full = sample(steered, steered.architecture, [[5, 6, 7]], [[3]], 12, 0, [], temperature=0)[0][0]
     stop = full[4]
-    cut = sample(steered, steered.architecture, [[5, 6, 7]], [3], 12, 0, [stop], temperature=0)[0]
+    cut = sample(steered, steered.architecture, [[5, 6, 7]], [[3]], 12, 0, [stop], temperature=0)[0][0]
     assert cut == full[: full.index(stop)]
