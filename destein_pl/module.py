@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 import warnings
 from pathlib import Path
@@ -34,7 +35,7 @@ from destein_pl.evaluation import (
     write_atomic,
 )
 from destein_pl.loading import load_base_model
-from destein_pl.perplexity import continuation_perplexities
+from destein_pl.perplexity import continuation_perplexities, tokenize_pair
 from destein_pl.prompts import Prompt
 from destein_pl.report import markdown_table
 from destein_pl.sampling import row_seed, sample
@@ -265,17 +266,23 @@ class DeSteinModule(L.LightningModule):
         cfg, steered, tokenizer = self.evaluation, self.steered, self.steered.tokenizer
         k = cfg.num_samples
         seeds = [[row_seed(cfg.seed, p.id, s) for s in range(k)] for p in todo]
+        # Unsteered and judged by itself: the evaluator's log-probabilities come with the samples.
+        log_probs = [] if self.evaluator is None and steered.alpha == 0 else None
         start = time.perf_counter()
         tokens = sample(steered, steered.architecture, [self._prompt_tokens(p) for p in todo], seeds,
                         cfg.max_new_tokens, tokenizer.pad_token_id, eos_token_ids(steered), top_p=cfg.top_p,
-                        temperature=cfg.temperature, width=self._prompt_width)
-        texts = tokenizer.batch_decode([row for rows in tokens for row in rows], skip_special_tokens=True)
+                        temperature=cfg.temperature, width=self._prompt_width, log_probs=log_probs)
+        tokens = [row for rows in tokens for row in rows]
+        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
         scored = time.perf_counter()
         self.timing["generate_s"] += scored - start
         scores = self.scorer.score(texts)
         measured = time.perf_counter()
         self.timing["score_s"] += measured - scored
-        perplexity = self._perplexities(todo, texts)
+        if log_probs is not None:
+            perplexity = [math.exp(-sum(row) / len(row)) if row else None for rows in log_probs for row in rows]
+        else:
+            perplexity = self._perplexities(todo, tokens, texts)
         self.timing["perplexity_s"] += time.perf_counter() - measured
         index_of = {p.id: int(i) for p, i in zip(batch, keys.tolist())}
         return [
@@ -285,26 +292,30 @@ class DeSteinModule(L.LightningModule):
             for j, p in enumerate(todo)
         ]
 
-    def _perplexities(self, prompts: list[Prompt], continuations: list[str]) -> list[float | None]:
-        """Perplexity of each continuation (`num_samples` per prompt, in order). Each prompt's rows are measured
-        in their own batches, so the values do not depend on which prompts shared a step."""
+    def _perplexities(self, prompts: list[Prompt], continuations: list[list[int]], texts: list[str]
+                      ) -> list[float | None]:
+        """Perplexity of each continuation (`num_samples` per prompt, in order). Each prompt's continuations are
+        measured on their own, so the values do not depend on which prompts shared a step."""
         k, batch_size = self.evaluation.num_samples, self.evaluation.perplexity_batch_size
+        values: list[float | None] = []
         if self.evaluator is not None:
             model, tokenizer = self.evaluator
             architecture = architecture_for(model.config)
-        else:  # the unsteered base model judges fluency
-            model, tokenizer, architecture = self.steered, self.steered.tokenizer, self.steered.architecture
+            for j, prompt in enumerate(prompts):
+                prompt_ids, ids = tokenize_pair(tokenizer, prompt.text, texts[j * k : (j + 1) * k])
+                values += continuation_perplexities(model, architecture, prompt_ids, ids, tokenizer.pad_token_id,
+                                                    batch_size)
+            return values
         alpha = self.steered.alpha
-        self.steered.alpha = 0.0
+        self.steered.alpha = 0.0  # the unsteered base model judges fluency, on the very tokens it was given
         try:
-            return [
-                value
-                for j, prompt in enumerate(prompts)
-                for value in continuation_perplexities(model, architecture, tokenizer, [prompt.text] * k,
-                                                       continuations[j * k : (j + 1) * k], batch_size)
-            ]
+            for j, prompt in enumerate(prompts):
+                values += continuation_perplexities(
+                    self.steered, self.steered.architecture, self._prompt_tokens(prompt, warn=False),
+                    continuations[j * k : (j + 1) * k], self.steered.tokenizer.pad_token_id, batch_size)
         finally:
             self.steered.alpha = alpha
+        return values
 
     def on_test_epoch_end(self) -> None:
         summary = []

@@ -55,13 +55,15 @@ def sample(
     top_p: float = 0.9,
     temperature: float = 1.0,
     width: int | None = None,
+    log_probs: list | None = None,
 ) -> list[list[list[int]]]:
     """Continue token-id prompts, `len(seeds[p])` samples of prompt p, all in one batch with the KV cache.
 
     Each prompt is run once (left-padded to `width`, or to the longest prompt) and its cache repeated for its
     samples. With a fixed `width`, a row's logits do not depend on the other rows of the batch (given
     batch-invariant kernels, as on CPU), so nor do its samples. Returns, per prompt and sample, the new tokens up
-    to and excluding the first EOS.
+    to and excluding the first EOS. A list passed as `log_probs` receives, in the same layout, each new token's
+    log-probability under the model's own distribution (temperature 1, before the nucleus cut).
     """
     if len(prompts) != len(seeds) or len({len(s) for s in seeds}) != 1:
         raise ValueError("seeds must hold one list of the same length per prompt")
@@ -91,10 +93,13 @@ def sample(
     eos = torch.tensor(eos_token_ids, device=device)
     finished = torch.zeros(len(generators), dtype=torch.bool, device=device)
     steps: list[Tensor] = []
+    step_log_probs: list[Tensor] = []
     for step in range(max_new_tokens):
         uniforms = torch.cat([torch.rand(1, generator=g) for g in generators]).to(device)
         token = nucleus_choice(logits, uniforms, top_p, temperature).masked_fill(finished, pad_token_id)
         steps.append(token)
+        if log_probs is not None:
+            step_log_probs.append(torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None])[:, 0])
         finished |= torch.isin(token, eos)
         if finished[real].all() or step == max_new_tokens - 1:
             break
@@ -106,4 +111,8 @@ def sample(
         cache, logits = out.cache, out.logits[:, -1]
     tokens = torch.stack(steps, dim=1).view(len(prompts), repeats, -1)[:, :samples].tolist()
     eos_set = set(eos_token_ids)
-    return [[row[: next((i for i, t in enumerate(row) if t in eos_set), len(row))] for row in rows] for rows in tokens]
+    lengths = [[next((i for i, t in enumerate(row) if t in eos_set), len(row)) for row in rows] for rows in tokens]
+    if log_probs is not None:
+        values = torch.stack(step_log_probs, dim=1).view(len(prompts), repeats, -1)[:, :samples].tolist()
+        log_probs[:] = [[row[:n] for row, n in zip(rows, ns)] for rows, ns in zip(values, lengths)]
+    return [[row[:n] for row, n in zip(rows, ns)] for rows, ns in zip(tokens, lengths)]

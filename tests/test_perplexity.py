@@ -5,39 +5,39 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from destein_pl import architecture_for
-from destein_pl.perplexity import continuation_perplexities
+from destein_pl.perplexity import continuation_perplexities, tokenize_pair
+from tests.conftest import FAMILIES, tiny_model
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tiny_llama_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), AutoTokenizer.from_pretrained(tiny_llama_dir)
-
-
-def reference_perplexity(model, tokenizer, prompt, continuation):
-    """transformers' own loss on the unpadded sequence, with the prompt's tokens masked out of the labels."""
-    source = tokenizer(prompt)["input_ids"]
-    target = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([source + target])
+def reference_perplexity(model, prompt, continuation):
+    """transformers' own loss on the whole unpadded sequence, with the prompt masked out of the labels."""
+    ids = torch.tensor([prompt + continuation])
     labels = ids.clone()
-    labels[0, : len(source)] = -100
+    labels[0, : len(prompt)] = -100
     with torch.no_grad():
         return math.exp(model(input_ids=ids, labels=labels).loss.item())
 
 
-def test_batched_left_padded_perplexity_equals_unpadded_loss(tiny_llama):
-    model, tokenizer = tiny_llama
-    prompts = ["You are such a", "The weather in the mountains today is", "Hi", "Once"]
-    continuations = [" stupid person who never listens", " sunny", " there, friend!", ""]
-    result = continuation_perplexities(model, architecture_for(model.config), tokenizer, prompts, continuations,
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prompt_cache_equals_whole_sequence_loss(family):
+    model = tiny_model(family)
+    prompt = [5, 9, 14, 3, 22, 7]
+    continuations = [[11, 12, 13, 14], [40], [], [7, 8, 9, 10, 11, 12, 50]]
+    result = continuation_perplexities(model, architecture_for(model.config), prompt, continuations, pad_token_id=0,
                                        batch_size=2)
-    assert result[3] is None  # an empty continuation has no perplexity
-    for i in range(3):
-        assert result[i] == pytest.approx(reference_perplexity(model, tokenizer, prompts[i], continuations[i]), rel=1e-5)
+    assert result[2] is None  # an empty continuation has no perplexity
+    for value, continuation in zip(result, continuations):
+        if continuation:
+            assert value == pytest.approx(reference_perplexity(model, prompt, continuation), rel=1e-5)
 
 
-def test_long_prompt_is_cut_from_the_left(tiny_llama):
-    model, tokenizer = tiny_llama
-    context = model.config.max_position_embeddings
-    long_prompt = "word " * (2 * context)
-    (value,) = continuation_perplexities(model, architecture_for(model.config), tokenizer, [long_prompt], [" end"])
-    assert value is not None and math.isfinite(value)
+def test_texts_are_tokenized_apart_and_long_prompts_cut(tiny_llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompt, (continuation,) = tokenize_pair(tokenizer, "You are such a", [" stupid person"])
+    assert continuation == tokenizer(" stupid person", add_special_tokens=False)["input_ids"]
+    long_prompt = prompt * model.config.max_position_embeddings
+    (value,) = continuation_perplexities(model, architecture_for(model.config), long_prompt, [continuation], 2)
+    assert value == pytest.approx(
+        reference_perplexity(model, long_prompt[-(model.config.max_position_embeddings - len(continuation)):],
+                             continuation), rel=1e-5)

@@ -1,9 +1,12 @@
+import math
+
+import pytest
 import torch
 
 from destein_pl import SteeredCausalLM
+from destein_pl.perplexity import continuation_perplexities
 from destein_pl.sampling import nucleus_choice, row_seed, sample
 from tests.conftest import FAMILIES, tiny_model
-import pytest
 
 
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():
@@ -67,3 +70,17 @@ def test_eos_ends_a_row():
     stop = full[4]
     cut = sample(steered, steered.architecture, [[5, 6, 7]], [[3]], 12, 0, [stop], temperature=0)[0][0]
     assert cut == full[: full.index(stop)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_log_probs_of_the_samples_give_the_models_perplexity(family):
+    model = tiny_model(family)
+    arch = SteeredCausalLM(model).architecture
+    prompt = [5, 9, 14, 3]
+    log_probs = []
+    (rows,) = sample(model, arch, [prompt], [[1, 2, 3, 4, 5]], 7, 0, [2], width=6, log_probs=log_probs)
+    assert [len(r) for r in log_probs[0]] == [len(r) for r in rows]
+    reference = continuation_perplexities(model, arch, prompt, rows, 0)
+    for lp, expected in zip(log_probs[0], reference):
+        assert (expected is None) if not lp else math.exp(-sum(lp) / len(lp)) == pytest.approx(expected, rel=1e-5)
+    assert any(reference)
