@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import textwrap
 from pathlib import Path
 
-from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
 
 from destein_pl.datamodule import DeSteinDataModule
@@ -89,18 +89,42 @@ def compare(results: list[str], labels: list[str] | None = None, plot: str | Non
 
 class DeSteinCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.set_defaults(
-            {"trainer.max_epochs": 1, "trainer.enable_checkpointing": False, "trainer.log_every_n_steps": 1}
-        )
+        parser.set_defaults({
+            "trainer.max_epochs": 1, "trainer.enable_checkpointing": False, "trainer.log_every_n_steps": 1,
+            "trainer.default_root_dir": "runs",  # where the run's config.yaml goes when there is no logger
+        })
 
 
-EXTRA_COMMANDS = {"generate": generate, "compare": compare}
+def _generate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="destein generate", description=generate.__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", default="checkpoints/smollm2-135m-paradetox.ckpt",
+                        help="steering checkpoint, .ckpt or .safetensors (default: %(default)s)")
+    parser.add_argument("--prompt", dest="prompts", action="append",
+                        help="a prompt to continue; repeat for several (default: a few short toxic prompts)")
+    parser.add_argument("--alpha", type=float, help="steering strength (default: the checkpoint's)")
+    parser.add_argument("--max-new-tokens", type=int, default=30, help="tokens per continuation (default: 30)")
+    parser.add_argument("--sample", action="store_true", help="nucleus sampling (p=0.9) instead of greedy")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--width", type=int, default=60, help="column width of the table (default: 60)")
+    return parser
+
+
+def _compare_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="destein compare", description=compare.__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", help="results.json files or evaluation folders")
+    parser.add_argument("--labels", nargs="+", help="a name per entry of RESULTS (default: folder names)")
+    parser.add_argument("--plot", help="write a PNG of EMT against perplexity here")
+    return parser
+
+
+EXTRA_COMMANDS = {"generate": (generate, _generate_parser), "compare": (compare, _compare_parser)}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in EXTRA_COMMANDS:
-        CLI(EXTRA_COMMANDS[args[0]], args=args[1:])
+        command, parser = EXTRA_COMMANDS[args[0]]
+        command(**vars(parser().parse_args(args[1:])))
         return
     DeSteinCLI(DeSteinModule, DeSteinDataModule, save_config_kwargs={"overwrite": True}, args=argv)
 

@@ -1,4 +1,4 @@
-"""`DeSteinModule`: calibration of a `SteeredCausalLM` as a Lightning `fit`."""
+"""`DeSteinModule`: calibration of a `SteeredCausalLM` as a Lightning `fit`, evaluation as `test`."""
 
 from __future__ import annotations
 
@@ -37,11 +37,11 @@ from destein_pl.evaluation import (
 from destein_pl.loading import load_base_model
 from destein_pl.perplexity import continuation_perplexities, tokenize_pair
 from destein_pl.prompts import Prompt
+from destein_pl.plots import probe_heatmap
+from destein_pl.probes import HeadProbes, fit_head_probes
 from destein_pl.report import markdown_table
 from destein_pl.sampling import row_seed, sample
 from destein_pl.scorers import ToxicityScorer, build_scorer
-from destein_pl.plots import probe_heatmap
-from destein_pl.probes import HeadProbes, fit_head_probes
 from destein_pl.steering import SteeredCausalLM
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ class DeSteinModule(L.LightningModule):
         ]
         self.timing = {"generate_s": 0.0, "score_s": 0.0, "perplexity_s": 0.0}
         self._test_started = time.perf_counter()
-        self._cut_prompts = 0
+        self._cut_prompts: set[str] = set()
         # One padded width for every prompt of the run, so a prompt's samples do not depend on its batch.
         datamodule = getattr(self.trainer, "datamodule", None)
         prompts = getattr(datamodule, "prompts", None) or []
@@ -253,11 +253,10 @@ class DeSteinModule(L.LightningModule):
         ids = self.steered.tokenizer(prompt.text)["input_ids"]
         room = self.steered.architecture.context_length(self.steered.config) - self.evaluation.max_new_tokens
         if len(ids) > room:
-            if not warn:
-                return ids[-room:]
-            self._cut_prompts += 1
-            log.warning("prompt %s has %d tokens; cut from the left to %d to leave room for the continuation",
-                        prompt.id, len(ids), room)
+            if warn and prompt.id not in self._cut_prompts:
+                self._cut_prompts.add(prompt.id)
+                log.warning("prompt %s has %d tokens; cut from the left to %d to leave room for the continuation",
+                            prompt.id, len(ids), room)
             ids = ids[-room:]
         return ids
 
@@ -337,7 +336,7 @@ class DeSteinModule(L.LightningModule):
                       "outside_generate_share": round(1 - self.timing["generate_s"] / total, 4) if total else None,
                       "process": "rank 0", "world_size": self.trainer.world_size}
             output = {"base_model": self.hparams.base_model, "scorer": self.evaluation.scorer,
-                      "cut_prompts": self._cut_prompts, "timing": timing, "runs": summary}
+                      "cut_prompts": len(self._cut_prompts), "timing": timing, "runs": summary}
             write_atomic(Path(self.evaluation.output_dir) / "results.json", json.dumps(output, indent=2) + "\n")
             table = markdown_table(summary)
             write_atomic(Path(self.evaluation.output_dir) / "results.md", table + "\n")

@@ -21,7 +21,7 @@ def test_every_config_parses_and_instantiates(config):
     cli = DeSteinCLI(DeSteinModule, DeSteinDataModule, run=False, args=["--config", str(config)])
     assert isinstance(cli.model, DeSteinModule) and isinstance(cli.datamodule, DeSteinDataModule)
     assert cli.trainer.max_epochs == 1
-    assert 0 < cli.model.hparams.alpha <= 1 and cli.datamodule.pairs_config.m in (20, 40)
+    assert cli.model.hparams.alpha > 0 and cli.datamodule.pairs_config.m in (20, 40)
     evaluation = cli.model.evaluation
     assert (evaluation.num_samples, evaluation.max_new_tokens, evaluation.top_p) == (25, 20, 0.9)
     assert cli.datamodule.prompts_config.source
@@ -29,7 +29,8 @@ def test_every_config_parses_and_instantiates(config):
 
 def test_generate_prints_base_and_steered_side_by_side(calibrated, capsys):
     _, out = calibrated
-    main(["generate", "--ckpt", str(out / "tiny.ckpt"), "--prompts", "[you are a, hello]", "--max_new_tokens", "5"])
+    main(["generate", "--ckpt", str(out / "tiny.ckpt"), "--prompt", "you are a", "--prompt", "hello",
+          "--max-new-tokens", "5"])
     printed = capsys.readouterr().out
     assert "steered (alpha=0.5)" in printed
     assert "PROMPT: you are a" in printed and "PROMPT: hello" in printed
