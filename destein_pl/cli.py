@@ -1,4 +1,4 @@
-"""The `destein` command: LightningCLI verbs (`fit`, `test`, ...) plus `generate` and `compare`."""
+"""The `destein` command: LightningCLI verbs (`fit`, `test`, ...) plus `generate`, `compare` and `induce`."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import jsonargparse
 from lightning.pytorch.cli import LightningCLI
 
 from destein_pl.datamodule import DeSteinDataModule
 from destein_pl.generation import continue_prompts
+from destein_pl.induce import induce
 from destein_pl.module import DeSteinModule
 from destein_pl.plots import toxicity_perplexity
 from destein_pl.report import load_results, markdown_table
@@ -117,14 +119,17 @@ def _compare_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EXTRA_COMMANDS = {"generate": (generate, _generate_parser), "compare": (compare, _compare_parser)}
+EXTRA_COMMANDS = {
+    "generate": lambda args: generate(**vars(_generate_parser().parse_args(args))),
+    "compare": lambda args: compare(**vars(_compare_parser().parse_args(args))),
+    "induce": lambda args: jsonargparse.CLI(induce, args=args),  # options from a YAML `--config`, like fit
+}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in EXTRA_COMMANDS:
-        command, parser = EXTRA_COMMANDS[args[0]]
-        command(**vars(parser().parse_args(args[1:])))
+        EXTRA_COMMANDS[args[0]](args[1:])
         return
     DeSteinCLI(DeSteinModule, DeSteinDataModule, save_config_kwargs={"overwrite": True}, args=argv)
 

@@ -1,13 +1,17 @@
 from pathlib import Path
 
+import jsonargparse
 import pytest
 
 from destein_pl.cli import DeSteinCLI, main
+from destein_pl.checkpoint import SteeringCheckpoint
 from destein_pl.datamodule import DeSteinDataModule
+from destein_pl.induce import induce
 from destein_pl.module import DeSteinModule
 from tests.test_module import calibrated  # noqa: F401  (module-scoped fixture)
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.stem.endswith("-induce"))
 
 
 def test_there_are_configs_for_the_paper_models():
@@ -25,6 +29,26 @@ def test_every_config_parses_and_instantiates(config):
     evaluation = cli.model.evaluation
     assert (evaluation.num_samples, evaluation.max_new_tokens, evaluation.top_p) == (25, 20, 0.9)
     assert cli.datamodule.prompts_config.source
+
+
+def test_overlay_changes_only_the_pairs_and_outputs():
+    cli = DeSteinCLI(DeSteinModule, DeSteinDataModule, run=False, args=[
+        "--config", str(CONFIG_DIR / "smollm2-135m.yaml"),
+        "--config", str(CONFIG_DIR / "overlays" / "smollm2-135m-self-induced.yaml")])
+    assert cli.datamodule.pairs_config.source == "checkpoints/smollm2-135m-self-induced-pairs.jsonl"
+    assert cli.datamodule.pairs_config.m == 40 and cli.model.hparams.alpha == 1.3
+    assert cli.model.evaluation.output_dir.endswith("smollm2-135m-self-induced")
+    (checkpoint,) = [c for c in cli.trainer.callbacks if isinstance(c, SteeringCheckpoint)]
+    assert checkpoint.path.name == "smollm2-135m-self-induced.ckpt"
+
+
+@pytest.mark.parametrize("config", sorted(CONFIG_DIR.glob("*-induce.yaml")), ids=lambda p: p.stem)
+def test_induce_configs_parse(config):
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--config", action="config")
+    parser.add_function_arguments(induce)
+    parsed = parser.parse_args(["--config", str(config)])
+    assert parsed.rewriter in ("self", "lexical", "openai-compatible", "none") and parsed.top_n > 0
 
 
 def test_generate_prints_base_and_steered_side_by_side(calibrated, capsys):
