@@ -20,7 +20,10 @@ from pathlib import Path
 import torch
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-135m-paradetox.ckpt"
-LOAD = "import time; t=time.perf_counter(); from destein_pl import load_base_model; load_base_model('smollm2-135m'); print(time.perf_counter()-t)"
+LOAD = (
+    "import time; t = time.perf_counter(); from destein_pl import load_base_model; "
+    "load_base_model('smollm2-135m'); print(time.perf_counter() - t)"
+)
 
 
 def timed_load(cache_home: str) -> float:

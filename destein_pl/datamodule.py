@@ -22,7 +22,15 @@ from destein_pl.pairs import (
     source_digest,
     usable_pairs,
 )
-from destein_pl.prompts import Prompt, PromptsDataset, PromptsFormat, collate_prompts, read_prompts, sample_prompts, usable_prompts
+from destein_pl.prompts import (
+    Prompt,
+    PromptsDataset,
+    PromptsFormat,
+    collate_prompts,
+    read_prompts,
+    sample_prompts,
+    usable_prompts,
+)
 
 log = logging.getLogger(__name__)
 

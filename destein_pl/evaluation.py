@@ -84,8 +84,7 @@ class AlphaRun:
     def __init__(self, alpha: float, folder: Path, settings: dict[str, Any], rank: int, world_size: int,
                  device: torch.device) -> None:
         self.alpha, self.folder = alpha, folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self._check_settings(settings)
+        check_settings(folder, settings)
         self.records: dict[str, dict[str, Any]] = {}
         for path in sorted(folder.glob("generations*.jsonl")):
             for record in read_records(path):
@@ -95,17 +94,6 @@ class AlphaRun:
         self.part = folder / name
         self.metrics = new_metrics().to(device)
         self.generated = 0
-
-    def _check_settings(self, settings: dict[str, Any]) -> None:
-        path = self.folder / "settings.json"
-        if path.is_file():
-            stored = json.loads(path.read_text())
-            changed = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
-            if changed:
-                raise ValueError(f"{self.folder} holds generations made with other settings "
-                                 f"(stored, now): {changed}; use another output_dir or the same settings")
-        else:
-            write_atomic(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
     def add(self, records: list[dict[str, Any]]) -> None:
         """Append new prompts' records to this process's generations file, flushed at once."""
@@ -155,6 +143,20 @@ class AlphaRun:
         for path in self.folder.glob("generations.rank*.jsonl"):
             path.unlink()
         return ordered
+
+
+def check_settings(folder: Path, settings: dict[str, Any]) -> None:
+    """Record what a folder's generations are made with, or refuse to add to it with other settings."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "settings.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        changed = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
+        if changed:
+            raise ValueError(f"{folder} holds generations made with other settings (stored, now): {changed}; "
+                             f"use another output folder or the same settings")
+    else:
+        write_atomic(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@ Steps: induce (sample from the model, unprompted and/or continuing inducing prom
 toxic above a threshold), rewrite (a `Rewriter`, or `none`: pair with the least toxic samples, the paper's
 non-parallel ablation), filter (drop rewrites that still score toxic, and pairs whose sides differ too much in
 per-token log-likelihood under the model), write a pairs JSONL that `fit` reads. Samples are written as they are
-made to `<output_dir>/samples.jsonl`; a rerun with the same folder reuses them.
+made to `<output_dir>/samples.jsonl`; a rerun with the same folder and sampling settings reuses them.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from destein_pl.evaluation import read_records, write_atomic
+from tqdm.auto import tqdm
+
+from destein_pl.evaluation import check_settings, read_records, write_atomic
 from destein_pl.loading import load_base_model
 from destein_pl.pairs import read_pairs
 from destein_pl.perplexity import continuation_perplexities
@@ -125,7 +127,10 @@ def induce(
     if prompts is None and unprompted_samples == 0:
         raise ValueError("nothing to sample: give inducing prompts, unprompted_samples > 0, or both")
     folder = Path(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    check_settings(folder, {"base_model": base_model, "dtype": dtype, "prompts": prompts, "num_prompts": num_prompts,
+                            "samples_per_prompt": samples_per_prompt, "max_new_tokens": max_new_tokens,
+                            "top_p": top_p, "temperature": temperature, "seed": seed, "scorer": scorer,
+                            "scorer_args": scorer_args or {}})
     model, tokenizer = load_base_model(base_model, dtype=dtype)
     steered = SteeredCausalLM(model, tokenizer)
     toxicity = build_scorer(scorer, **(scorer_args or {}))
@@ -140,7 +145,8 @@ def induce(
     todo = [job for job in jobs if job[0] not in done]
     log.info("inducing: %d prompts already sampled, %d to go", len(jobs) - len(todo), len(todo))
     started = time.perf_counter()
-    with open(samples_path, "a", encoding="utf-8") as out:
+    progress = tqdm(total=len(todo), desc="inducing", unit="prompt")
+    with open(samples_path, "a", encoding="utf-8") as out, progress as bar:
         for i in range(0, len(todo), batch_size):
             chunk = todo[i : i + batch_size]
             seeds = [[row_seed(seed, job[0], s) for s in range(samples_per_prompt)] for job in chunk]
@@ -151,11 +157,12 @@ def induce(
                 out.write(json.dumps({"id": job[0], "prompt": job[1], "samples": texts,
                                       "toxicity": toxicity.score(texts)}, ensure_ascii=False) + "\n")
             out.flush()
-            log.info("induced %d / %d prompts", min(i + batch_size, len(todo)), len(todo))
+            bar.update(len(chunk))
     generation_s = time.perf_counter() - started
 
+    wanted = {job[0] for job in jobs}
     pool = [{"id": f"{r['id']}/{s}", "text": text, "toxicity": score}
-            for r in read_records(samples_path) if r["id"] in {job[0] for job in jobs}
+            for r in read_records(samples_path) if r["id"] in wanted
             for s, (text, score) in enumerate(zip(r["samples"], r["toxicity"]))]
     selected = select_most_toxic(pool, top_n, min_toxicity)
     counts: dict[str, Any] = {"generated_prompts": len(todo), "samples": len(pool), "selected": len(selected)}

@@ -36,7 +36,9 @@ def split_pairs(num_pairs: int, val_fraction: float, seed: int) -> tuple[np.ndar
 def fit_head_probes(toxic: Tensor, nontoxic: Tensor, val_fraction: float = 0.2, seed: int = 0) -> HeadProbes:
     """Fit a probe for every head on paired activations `[N, L, H, D]` (paper: 4:1 train/validation split)."""
     if toxic.shape != nontoxic.shape or toxic.dim() != 4:
-        raise ValueError(f"expected two [N, L, H, D] tensors of one shape, got {list(toxic.shape)}, {list(nontoxic.shape)}")
+        raise ValueError(
+            f"expected two [N, L, H, D] tensors of one shape, got {list(toxic.shape)}, {list(nontoxic.shape)}"
+        )
     num_pairs, num_layers, num_heads, head_dim = toxic.shape
     train, val = split_pairs(num_pairs, val_fraction, seed)
     labels = lambda idx: np.concatenate([np.ones(len(idx)), np.zeros(len(idx))])  # noqa: E731

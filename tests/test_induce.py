@@ -56,6 +56,8 @@ def test_pipeline_writes_pairs_that_fit_reads_and_a_rerun_reuses_the_samples(tin
     again = run_induce(tiny_llama_dir, out, "--rewriter", "lexical")
     assert again["generated_prompts"] == 0 and again["samples"] == 21
     assert (out / "samples.jsonl").read_text() == samples
+    with pytest.raises(ValueError, match="other settings"):
+        run_induce(tiny_llama_dir, out, "--seed", "1")
 
 
 def test_unknown_rewriter_and_nothing_to_sample_are_errors(tiny_llama_dir, tmp_path):

@@ -56,7 +56,8 @@ def test_embedded_model_loads_and_is_steerable(smollm2):
         base_out = greedy()
         unwrapped = AutoModelForCausalLM.from_pretrained(builtin_model_folder("smollm2-135m")).eval()
         with torch.no_grad():
-            reference = unwrapped.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            reference = unwrapped.generate(**batch, max_new_tokens=12, do_sample=False,
+                                           pad_token_id=tokenizer.pad_token_id)
         assert torch.equal(base_out, reference)  # zero steering: the base model's continuation
 
         g = torch.Generator().manual_seed(0)

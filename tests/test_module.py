@@ -66,7 +66,8 @@ def test_vectors_equal_hand_computation(calibrated, tiny_llama_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     diffs = [
-        hand_activations(model, tokenizer, NONTOXIC_CUE + p["nontoxic"]) - hand_activations(model, tokenizer, TOXIC_CUE + p["toxic"])
+        hand_activations(model, tokenizer, NONTOXIC_CUE + p["nontoxic"])
+        - hand_activations(model, tokenizer, TOXIC_CUE + p["toxic"])
         for p in PAIRS
     ]
     expected = torch.stack(diffs).mean(0)
@@ -115,7 +116,8 @@ def test_two_gloo_processes_equal_one(tiny_llama_dir, tmp_path):
         cmd = [
             sys.executable, "-m", "destein_pl.cli", "fit", "--model.base_model", str(tiny_llama_dir),
             "--data.pairs.source", str(SHARED_DATA / "paradetox" / "paradetox.tsv"),
-            "--data.pairs.m", "9", "--data.pairs.batch_size", "2", "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+            "--data.pairs.m", "9", "--data.pairs.batch_size", "2", "--trainer.accelerator", "cpu",
+            "--trainer.devices", str(devices),
             "--trainer.strategy", "ddp" if devices > 1 else "auto", "--trainer.logger", "false",
             "--trainer.callbacks", "destein_pl.checkpoint.SteeringCheckpoint", "--trainer.callbacks.dirpath", str(out),
             "--trainer.callbacks.filename", "tiny",

@@ -20,13 +20,18 @@ def write_jsonl(path, rows):
 
 
 def test_jsonl_pairs_are_read_in_order(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"toxic": "you idiot", "nontoxic": "you there"}, "", {"toxic": "a", "nontoxic": "b"}])
+    rows = [{"toxic": "you idiot", "nontoxic": "you there"}, "", {"toxic": "a", "nontoxic": "b"}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
     assert read_pairs(path) == [SteeringPair("you idiot", "you there"), SteeringPair("a", "b")]
 
 
 @pytest.mark.parametrize(
     "bad, message",
-    [("{not json", "not valid JSON"), ('{"toxic": "x"}', "string fields 'toxic' and 'nontoxic'"), ("[1, 2]", "expected an object")],
+    [
+        ("{not json", "not valid JSON"),
+        ('{"toxic": "x"}', "string fields 'toxic' and 'nontoxic'"),
+        ("[1, 2]", "expected an object"),
+    ],
 )
 def test_malformed_jsonl_line_names_file_and_line(tmp_path, bad, message):
     path = write_jsonl(tmp_path / "p.jsonl", [{"toxic": "a", "nontoxic": "b"}, "", bad])

@@ -45,7 +45,8 @@ def test_malformed_rtp_line_names_file_and_line(tmp_path, line, message):
 def test_sampling_and_errors(tmp_path):
     prompts = [Prompt(str(i), f"p{i}") for i in range(20)]
     chosen = sample_prompts(prompts, 5, seed=1)
-    assert chosen == sample_prompts(prompts, 5, seed=1) and [int(p.id) for p in chosen] == sorted(int(p.id) for p in chosen)
+    assert chosen == sample_prompts(prompts, 5, seed=1)
+    assert [int(p.id) for p in chosen] == sorted(int(p.id) for p in chosen)
     assert sample_prompts(prompts, None, seed=0) == prompts
     with pytest.raises(ValueError, match="n=21 prompts but 20"):
         sample_prompts(prompts, 21, seed=0)
