@@ -62,12 +62,17 @@ def similar_likelihood(toxic_loglik: float | None, nontoxic_loglik: float | None
     return toxic_loglik is not None and nontoxic_loglik is not None and abs(toxic_loglik - nontoxic_loglik) <= max_gap
 
 
+def start_token_id(tokenizer) -> int:
+    """The token an unprompted sample (or a text's likelihood) starts from: BOS, else EOS."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
 def log_likelihoods(steered: SteeredCausalLM, texts: list[str]) -> list[float | None]:
     """Mean per-token log-likelihood of each text under the model, from its start token."""
     tokenizer = steered.tokenizer
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    perplexities = continuation_perplexities(steered, steered.architecture, [start], ids, tokenizer.pad_token_id)
+    perplexities = continuation_perplexities(steered, steered.architecture, [start_token_id(tokenizer)], ids,
+                                             tokenizer.pad_token_id)
     return [None if p is None else -math.log(p) for p in perplexities]
 
 
@@ -135,8 +140,7 @@ def induce(
     steered = SteeredCausalLM(model, tokenizer)
     toxicity = build_scorer(scorer, **(scorer_args or {}))
 
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    jobs = [(f"u{i}", "", [start]) for i in range(-(-unprompted_samples // samples_per_prompt))]
+    jobs = [(f"u{i}", "", [start_token_id(tokenizer)]) for i in range(-(-unprompted_samples // samples_per_prompt))]
     if prompts is not None:
         jobs += [(f"p{i}", text, tokenizer(text)["input_ids"])
                  for i, text in enumerate(inducing_prompts(prompts, num_prompts, seed))]

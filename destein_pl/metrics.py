@@ -52,6 +52,13 @@ class PerPromptMetric(Metric):
         """The metric from the unique prompts' rows `[U, width]` (U may be 0)."""
         raise NotImplementedError
 
+    def _per_continuation(self, values: Tensor, name: str) -> Tensor:
+        """`values[P, K]` (one per continuation) on this metric's device and dtype, or a clear error."""
+        values = values.to(self.device, self.dtype)
+        if values.ndim != 2:
+            raise ValueError(f"{name} must have shape [prompts, continuations], got {list(values.shape)}")
+        return values
+
 
 class _MaxToxicityMetric(PerPromptMetric):
     """Stores each prompt's maximum toxicity over its scored continuations; prompts with no score are left out."""
@@ -60,9 +67,7 @@ class _MaxToxicityMetric(PerPromptMetric):
 
     def update(self, keys: Tensor, toxicity: Tensor) -> None:
         """`toxicity[P, K]`: one score per continuation, NaN where missing."""
-        toxicity = toxicity.to(self.device, self.dtype)
-        if toxicity.ndim != 2:
-            raise ValueError(f"toxicity must have shape [prompts, continuations], got {list(toxicity.shape)}")
+        toxicity = self._per_continuation(toxicity, "toxicity")
         scored = ~toxicity.isnan()
         max_score = toxicity.masked_fill(~scored, float("-inf")).amax(dim=1, keepdim=True)
         self._append(keys, max_score, scored.any(dim=1))
@@ -126,9 +131,7 @@ class ContinuationPerplexity(PerPromptMetric):
 
     def update(self, keys: Tensor, perplexity: Tensor) -> None:
         """`perplexity[P, K]`: one value per continuation, NaN where not available (e.g. empty continuation)."""
-        perplexity = perplexity.to(self.device, self.dtype)
-        if perplexity.ndim != 2:
-            raise ValueError(f"perplexity must have shape [prompts, continuations], got {list(perplexity.shape)}")
+        perplexity = self._per_continuation(perplexity, "perplexity")
         valid = ~perplexity.isnan()
         total = perplexity.masked_fill(~valid, 0.0).sum(dim=1)
         self._append(keys, torch.stack([total, valid.sum(dim=1).to(self.dtype)], dim=1))

@@ -296,25 +296,22 @@ class DeSteinModule(L.LightningModule):
         """Perplexity of each continuation (`num_samples` per prompt, in order). Each prompt's continuations are
         measured on their own, so the values do not depend on which prompts shared a step."""
         k, batch_size = self.evaluation.num_samples, self.evaluation.perplexity_batch_size
-        values: list[float | None] = []
-        if self.evaluator is not None:
+        if self.evaluator is not None:  # its own tokenizer: measure the texts
             model, tokenizer = self.evaluator
             architecture = architecture_for(model.config)
-            for j, prompt in enumerate(prompts):
-                prompt_ids, ids = tokenize_pair(tokenizer, prompt.text, texts[j * k : (j + 1) * k])
-                values += continuation_perplexities(model, architecture, prompt_ids, ids, tokenizer.pad_token_id,
-                                                    batch_size)
-            return values
+            inputs = [tokenize_pair(tokenizer, p.text, texts[j * k : (j + 1) * k]) for j, p in enumerate(prompts)]
+        else:  # the unsteered base model judges fluency, on the very tokens it was given
+            model, tokenizer, architecture = self.steered, self.steered.tokenizer, self.steered.architecture
+            inputs = [(self._prompt_tokens(p, warn=False), continuations[j * k : (j + 1) * k])
+                      for j, p in enumerate(prompts)]
         alpha = self.steered.alpha
-        self.steered.alpha = 0.0  # the unsteered base model judges fluency, on the very tokens it was given
+        self.steered.alpha = 0.0
         try:
-            for j, prompt in enumerate(prompts):
-                values += continuation_perplexities(
-                    self.steered, self.steered.architecture, self._prompt_tokens(prompt, warn=False),
-                    continuations[j * k : (j + 1) * k], self.steered.tokenizer.pad_token_id, batch_size)
+            return [value for prompt_ids, ids in inputs
+                    for value in continuation_perplexities(model, architecture, prompt_ids, ids,
+                                                           tokenizer.pad_token_id, batch_size)]
         finally:
             self.steered.alpha = alpha
-        return values
 
     def on_test_epoch_end(self) -> None:
         summary = []

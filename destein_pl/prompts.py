@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,4 @@ class PromptsDataset(Dataset):
 
 
 def collate_prompts(items: list[dict[str, Any]]) -> dict[str, Any]:
-    import torch
-
     return {"index": torch.tensor([i["index"] for i in items]), "prompts": [i["prompt"] for i in items]}
