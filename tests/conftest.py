@@ -62,7 +62,7 @@ def save_tiny_model_dir(family: str, path: Path) -> Path:
     whole text pipeline (tokenize, pad, calibrate, generate) runs in seconds."""
     from transformers import AutoTokenizer
 
-    from destein_pl.loading import builtin_model_folder
+    from destein_pl.steering.loading import builtin_model_folder
 
     tokenizer = AutoTokenizer.from_pretrained(builtin_model_folder("smollm2-135m"))
     config = TINY_CONFIGS[family]()

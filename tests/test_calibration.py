@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from destein_pl.calibration import head_weights, steering_vectors
+from destein_pl.calibration.vectors import head_weights, steering_vectors
 
 
 def test_vectors_are_mean_nontoxic_minus_toxic():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from destein_pl import SteeredCausalLM
-from destein_pl.checkpoint import CheckpointMismatchError, apply_checkpoint_state, read_checkpoint
-from destein_pl.module import DeSteinModule
+from destein_pl.steering.checkpoint import CheckpointMismatchError, apply_checkpoint_state, read_checkpoint
+from destein_pl.lightning.module import DeSteinModule
 from tests.conftest import tiny_model
 from tests.test_module import calibrated  # noqa: F401  (module-scoped fixture)
 
@@ -32,7 +32,7 @@ def test_lightning_load_from_checkpoint(calibrated):
     module, out = calibrated
     restored = DeSteinModule.load_from_checkpoint(out / "tiny.ckpt")
     assert torch.equal(restored.steered.vectors, module.steered.vectors)
-    assert torch.equal(restored.steered.probe_weights, module.steered.probe_weights)
+    assert torch.equal(restored.steered.head_weights, module.steered.head_weights)
 
 
 def test_checkpoint_holds_no_base_weights_and_loads_without_unpickling(calibrated):

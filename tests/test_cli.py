@@ -3,11 +3,11 @@ from pathlib import Path
 import jsonargparse
 import pytest
 
-from destein_pl.cli import DeSteinCLI, main
-from destein_pl.checkpoint import SteeringCheckpoint
-from destein_pl.datamodule import DeSteinDataModule
+from destein_pl.lightning.cli import DeSteinCLI, main
+from destein_pl.lightning.callbacks import SteeringCheckpoint
+from destein_pl.lightning.datamodule import DeSteinDataModule
 from destein_pl.induce import induce
-from destein_pl.module import DeSteinModule
+from destein_pl.lightning.module import DeSteinModule
 from tests.test_module import calibrated  # noqa: F401  (module-scoped fixture)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -54,7 +54,7 @@ def test_induce_configs_parse(config):
 def test_generate_prints_base_and_steered_side_by_side(calibrated, capsys):
     _, out = calibrated
     main(["generate", "--ckpt", str(out / "tiny.ckpt"), "--prompt", "you are a", "--prompt", "hello",
-          "--max-new-tokens", "5"])
+          "--max_new_tokens", "5"])
     printed = capsys.readouterr().out
     assert "steered (alpha=0.5)" in printed
     assert "PROMPT: you are a" in printed and "PROMPT: hello" in printed

@@ -2,8 +2,10 @@ import json
 
 import pytest
 
-from destein_pl.datamodule import DeSteinDataModule, PairsConfig, PromptsConfig
-from destein_pl.pairs import NONTOXIC_CUE, TOXIC_CUE
+from destein_pl.calibration.pairs import PairsConfig
+from destein_pl.evaluation.prompts import PromptsConfig
+from destein_pl.lightning.datamodule import DeSteinDataModule
+from destein_pl.calibration.pairs import NONTOXIC_CUE, TOXIC_CUE
 from tests.conftest import SHARED_DATA
 
 

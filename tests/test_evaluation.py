@@ -9,10 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from destein_pl.datamodule import DeSteinDataModule, PromptsConfig
-from destein_pl.evaluation import EvaluationConfig, read_records
-from destein_pl.module import DeSteinModule
-from destein_pl.scorers import ToxicityScorer
+from destein_pl.evaluation.config import EvaluationConfig
+from destein_pl.evaluation.prompts import PromptsConfig
+from destein_pl.evaluation.scorers import ToxicityScorer
+from destein_pl.files import read_jsonl as read_records
+from destein_pl.lightning.datamodule import DeSteinDataModule
+from destein_pl.lightning.module import DeSteinModule
 from tests.conftest import SHARED_DATA
 from tests.test_module import calibrated  # noqa: F401  (module-scoped fixture)
 
@@ -22,10 +24,10 @@ SMALL = dict(num_samples=3, max_new_tokens=6)
 
 def run_test(model_dir, out, *, batch_size=4, n=6, alphas=(0.0, 1.0), ckpt=None, scorer=None, callbacks=(),
              steering=None, **evaluation):
+    if scorer is not None:
+        evaluation["scorer"] = scorer
     module = DeSteinModule(base_model=str(model_dir), evaluation=EvaluationConfig(
         output_dir=str(out), alphas=list(alphas), **{**SMALL, **evaluation}))
-    if scorer is not None:
-        module.scorer = scorer
     if steering is not None:
         module.configure_model()
         module.steered.set_steering(*steering)
@@ -89,7 +91,7 @@ def test_one_and_two_processes_give_the_same_generations(calibrated, tiny_llama_
 
     def run(devices, out):
         cmd = [
-            sys.executable, "-m", "destein_pl.cli", "test", "--model.base_model", str(tiny_llama_dir),
+            sys.executable, "-m", "destein_pl.lightning.cli", "test", "--model.base_model", str(tiny_llama_dir),
             "--ckpt_path", str(ckpt_dir / "tiny.ckpt"), "--model.evaluation.output_dir", str(out),
             "--model.evaluation.num_samples", "3", "--model.evaluation.max_new_tokens", "6",
             "--data.prompts.source", str(RTP100), "--data.prompts.n", "5", "--data.prompts.batch_size", "2",
@@ -116,7 +118,7 @@ class FlagToken(ToxicityScorer):
     def __init__(self, tokenizer, token_id):
         self.tokenizer, self.token_id = tokenizer, token_id
 
-    def score(self, texts):
+    def _score(self, texts):
         return [float(self.token_id in self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
 
 

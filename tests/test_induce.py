@@ -1,10 +1,21 @@
 import json
 
+import jsonargparse
 import pytest
 
-from destein_pl.cli import main
-from destein_pl.induce import inducing_prompts, select_most_toxic, similar_likelihood
-from destein_pl.pairs import read_pairs
+from destein_pl.calibration.pairs import read_pairs
+from destein_pl.evaluation.scorers import PerspectiveScorer, ProfanityCheckScorer
+from destein_pl.induce import induce
+from destein_pl.induce.pipeline import (
+    build_plugins,
+    inducing_prompts,
+    log_likelihoods,
+    select_most_toxic,
+    similar_likelihood,
+    start_token_id,
+)
+from destein_pl.induce.rewriters import LexicalRewriter, NonParallelRewriter
+from destein_pl.lightning.cli import main
 from tests.conftest import SHARED_DATA
 
 PARADETOX = SHARED_DATA / "paradetox" / "paradetox.tsv"
@@ -66,3 +77,145 @@ def test_unknown_rewriter_and_nothing_to_sample_are_errors(tiny_llama_dir, tmp_p
               "--prompts", str(PARADETOX)])
     with pytest.raises(ValueError, match="nothing to sample"):
         main(["induce", "--base_model", str(tiny_llama_dir), "--output_dir", str(tmp_path)])
+
+
+def read_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_filters_drop_toxic_rewrites_and_unlike_pairs(tiny_llama_dir, tmp_path):
+    out = tmp_path / "induce"
+    # Filters off: every selected sample gets a pair, with the scores and likelihoods the filters look at.
+    everything = run_induce(tiny_llama_dir, out, "--rewriter", "none", "--top_n", "10", "--max_rewrite_toxicity", "2")
+    assert (everything["selected"], everything["no_rewrite"], everything["pairs"]) == (10, 0, 10)
+    assert everything["rewrite_still_toxic"] == everything["loglik_gap"] == 0
+    assert json.loads((out / "settings.json").read_text())["scorer"] == {"name": "profanity-check"}
+    rows = read_rows(out / "pairs.jsonl")
+
+    # Filters on, at thresholds that must drop the least calm rewrite(s), then the least alike pair(s).
+    max_toxicity = max(r["nontoxic_score"] for r in rows)
+    calm = [r for r in rows if r["nontoxic_score"] < max_toxicity]
+    gap = {r["sample_id"]: abs(r["toxic_loglik"] - r["nontoxic_loglik"]) for r in calm}
+    gaps = sorted(gap.values())
+    split = max(range(1, len(gaps)), key=lambda k: gaps[k] - gaps[k - 1])  # the threshold farthest from any gap
+    max_gap = (gaps[split - 1] + gaps[split]) / 2
+    expected = [r for r in calm if gap[r["sample_id"]] <= max_gap]
+    assert 0 < len(expected) < len(calm) < len(rows)
+    assert min(abs(g - max_gap) for g in gaps) > 1e-4  # batches differ between the runs: likelihoods may move a bit
+
+    target = induce(output_dir=str(out), base_model=str(tiny_llama_dir), prompts=str(PARADETOX), num_prompts=6,
+                    samples_per_prompt=3, unprompted_samples=3, max_new_tokens=6, batch_size=4,
+                    scorer=ProfanityCheckScorer(), top_n=10, min_toxicity=0.0, rewriter=NonParallelRewriter(),
+                    max_rewrite_toxicity=max_toxicity, max_loglik_gap=max_gap)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == {**summary, "generated_prompts": 0, "samples": 21, "selected": 10, "no_rewrite": 0,
+                       "rewrite_still_toxic": len(rows) - len(calm), "loglik_gap": len(calm) - len(expected),
+                       "pairs": len(expected)}
+    kept = read_rows(target)
+    assert [r["sample_id"] for r in kept] == [r["sample_id"] for r in expected]
+    for row, before in zip(kept, expected):  # the same pairs, scores and likelihoods as with the filters off
+        assert row == {**before, "toxic_loglik": row["toxic_loglik"], "nontoxic_loglik": row["nontoxic_loglik"]}
+        assert (row["toxic_loglik"], row["nontoxic_loglik"]) == pytest.approx(
+            (before["toxic_loglik"], before["nontoxic_loglik"]), abs=1e-5)
+    assert all(r["nontoxic_score"] < max_toxicity for r in kept)
+    assert all(abs(r["toxic_loglik"] - r["nontoxic_loglik"]) <= max_gap for r in kept)
+
+
+def test_log_likelihoods_are_minus_the_mean_nll(tiny_llama_dir):
+    from destein_pl import SteeredCausalLM, load_base_model
+    from destein_pl.evaluation.perplexity import continuation_nll
+
+    model, tokenizer = load_base_model(str(tiny_llama_dir))
+    steered = SteeredCausalLM(model, tokenizer)
+    texts = ["you are an idiot", "", "have a nice day"]
+    values = log_likelihoods(steered, texts, batch_size=2)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    nll = continuation_nll(steered, steered.architecture, [start_token_id(tokenizer)], ids, tokenizer.pad_token_id)
+    assert values[1] is None and values[0] == pytest.approx(-nll[0]) and values[2] == pytest.approx(-nll[2])
+    assert all(v < 0 for v in (values[0], values[2]))
+
+
+def test_a_cut_short_samples_file_is_repaired_and_its_last_job_sampled_again(tiny_llama_dir, tmp_path):
+    out = tmp_path / "induce"
+    run_induce(tiny_llama_dir, out, "--rewriter", "none")
+    samples = out / "samples.jsonl"
+    lines = samples.read_text().splitlines(keepends=True)
+    samples.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # a kill during the last write
+    again = run_induce(tiny_llama_dir, out, "--rewriter", "none")
+    assert again["generated_prompts"] == 1 and again["samples"] == 21
+    rows = read_rows(samples)
+    assert [r["id"] for r in rows] == [json.loads(line)["id"] for line in lines]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
+    ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
+    ("temperature", -1.0, "temperature must be a finite number >= 0"),
+    ("samples_per_prompt", 0, "samples_per_prompt must be at least 1"),
+    ("max_new_tokens", 0, "max_new_tokens must be at least 1"),
+    ("batch_size", 0, "batch_size must be at least 1"),
+    ("top_n", 0, "top_n must be at least 1"),
+    ("num_prompts", 0, "num_prompts must be at least 1"),
+    ("unprompted_samples", -1, "unprompted_samples must be at least 0"),
+    ("min_toxicity", 1.5, r"min_toxicity must be in \[0, 1\]"),
+    ("max_rewrite_toxicity", 0.0, "max_rewrite_toxicity must be > 0"),
+    ("max_loglik_gap", -0.1, "max_loglik_gap must be at least 0"),
+])
+def test_out_of_range_options_are_refused_before_anything_loads(tmp_path, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        induce(output_dir=str(tmp_path / "out"), base_model=str(tmp_path / "no-such-model"), prompts=str(PARADETOX),
+               **{option: value})
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_scorer_that_cannot_start_fails_before_sampling(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("PERSPECTIVE_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="PERSPECTIVE_API_KEY"):
+        induce(output_dir=str(tmp_path / "out"), base_model=str(tiny_llama_dir), prompts=str(PARADETOX),
+               scorer="perspective", rewriter="none")
+    assert not (tmp_path / "out").exists()  # no settings recorded for a run that never started
+
+
+def test_deprecated_args_are_merged_into_short_names(monkeypatch):
+    monkeypatch.delenv("PERSPECTIVE_API_KEY", raising=False)
+    with pytest.warns(DeprecationWarning, match="rewriter_args` is deprecated"):
+        scorer, rewriter = build_plugins("profanity-check", None, "lexical", {"min_weight": 2.0})
+    assert isinstance(scorer, ProfanityCheckScorer) and isinstance(rewriter, LexicalRewriter)
+    assert rewriter.min_weight == 2.0
+    with pytest.warns(DeprecationWarning, match="scorer_args` is deprecated"):
+        scorer, rewriter = build_plugins("perspective", {"attribute": "INSULT"}, "none", None)
+    assert isinstance(scorer, PerspectiveScorer) and scorer.attribute == "INSULT"
+    assert isinstance(rewriter, NonParallelRewriter)
+    with pytest.raises(ValueError, match="already built"):
+        build_plugins(ProfanityCheckScorer(), {"attribute": "INSULT"}, "none", None)
+
+
+def induce_parser() -> jsonargparse.ArgumentParser:
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--config", action="config")
+    parser.add_function_arguments(induce)
+    return parser
+
+
+def test_induce_options_parse_short_names_and_class_paths(tmp_path, monkeypatch):
+    monkeypatch.delenv("PERSPECTIVE_API_KEY", raising=False)
+    parser = induce_parser()
+    parsed = parser.parse_args(["--rewriter", "none", "--scorer", "perspective"])
+    assert (parsed.rewriter, parsed.scorer) == ("none", "perspective")
+    config = tmp_path / "induce.yaml"
+    config.write_text("rewriter:\n  class_path: LexicalRewriter\n  init_args: {min_weight: 2.0}\n"
+                      "scorer:\n  class_path: destein_pl.evaluation.scorers.PerspectiveScorer\n"
+                      "  init_args: {attribute: INSULT}\n")
+    built = parser.instantiate(parser.parse_args(["--config", str(config)]))
+    assert isinstance(built.rewriter, LexicalRewriter) and built.rewriter.min_weight == 2.0
+    assert isinstance(built.scorer, PerspectiveScorer) and built.scorer.attribute == "INSULT"
+    config.write_text("rewriter:\n  class_path: LexicalRewriter\n  init_args: {weight: 2.0}\n")
+    with pytest.raises(jsonargparse.ArgumentError, match="Option 'weight' is not accepted"):
+        parser.parse_args(["--config", str(config)])
+
+
+def test_induce_help_shows_a_rewriters_options(capsys):
+    with pytest.raises(SystemExit):
+        induce_parser().parse_args(["--rewriter.help", "SelfRewriter"])
+    shown = capsys.readouterr().out
+    assert all(f"--rewriter.{o}" in shown for o in ("instruction", "max_new_tokens", "batch_size"))

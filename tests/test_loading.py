@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
 from destein_pl import SteeredCausalLM, UnsupportedArchitectureError, load_base_model
-from destein_pl.loading import BUILTIN_MODELS, builtin_model_folder
+from destein_pl.steering.loading import BUILTIN_MODELS, builtin_model_folder
 
 
 def test_unknown_name_is_a_clear_error():
@@ -43,7 +43,7 @@ def test_embedded_model_loads_and_is_steerable(smollm2):
     try:
         assert (steered.num_layers, steered.num_heads, steered.head_dim) == (30, 9, 64)
         state = steered.state_dict()
-        for name in ("steer_vectors", "steer_probe_weights", "steer_alpha"):
+        for name in ("steer_vectors", "steer_head_weights", "steer_alpha"):
             assert f"model.model.layers.29.self_attn.{name}" in state
         assert state["model.model.layers.0.self_attn.steer_vectors"].shape == (9, 64)
 
@@ -72,7 +72,7 @@ def test_embedded_model_loads_and_is_steerable(smollm2):
 def test_two_processes_building_the_cache_at_once(tmp_path):
     """Both processes succeed, the cache is complete, no temporary folder is left, and the next load reuses it."""
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    code = "from destein_pl.loading import builtin_model_folder; print(builtin_model_folder('smollm2-135m'))"
+    code = "from destein_pl.steering.loading import builtin_model_folder; print(builtin_model_folder('smollm2-135m'))"
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE) for _ in range(2)]
     outputs = [p.communicate(timeout=600)[0].decode().strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0]

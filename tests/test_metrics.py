@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
-from destein_pl.metrics import (
+from destein_pl.evaluation.metrics import (
     ContinuationPerplexity,
     DistinctN,
     ExpectedMaxToxicity,

@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from destein_pl import architecture_for
-from destein_pl.checkpoint import SteeringCheckpoint
-from destein_pl.module import DeSteinModule
-from destein_pl.datamodule import DeSteinDataModule, PairsConfig
-from destein_pl.pairs import NONTOXIC_CUE, TOXIC_CUE
+from destein_pl.lightning.callbacks import SteeringCheckpoint
+from destein_pl.lightning.module import DeSteinModule
+from destein_pl.calibration.pairs import PairsConfig
+from destein_pl.lightning.datamodule import DeSteinDataModule
+from destein_pl.calibration.pairs import NONTOXIC_CUE, TOXIC_CUE
 from tests.conftest import SHARED_DATA
 
 PAIRS = [
@@ -73,9 +74,9 @@ def test_vectors_equal_hand_computation(calibrated, tiny_llama_dir):
     expected = torch.stack(diffs).mean(0)
     torch.testing.assert_close(module.steered.vectors, expected, rtol=0, atol=1e-5)
     assert module.steered.alpha == pytest.approx(0.5)
-    weights = module.steered.probe_weights
+    weights = module.steered.head_weights
     assert ((weights >= 0) & (weights <= 1)).all()
-    assert torch.equal(weights, module.probes.accuracy)
+    assert torch.equal(weights, module.calibration.probes.accuracy)
 
 
 def test_outputs_beside_the_checkpoint_and_metadata(calibrated):
@@ -95,7 +96,7 @@ def test_uniform_weights_and_top_k_heads(tiny_llama_dir, calibrated, tmp_path):
     _, out = calibrated
     module = calibrate(tiny_llama_dir, out / "pairs.jsonl", tmp_path, head_weights="uniform",
                        top_k_heads=5)
-    weights = module.steered.probe_weights
+    weights = module.steered.head_weights
     assert int((weights == 1).sum()) == 5 and int((weights == 0).sum()) == weights.numel() - 5
 
 
@@ -114,12 +115,12 @@ def test_two_gloo_processes_equal_one(tiny_llama_dir, tmp_path):
     """m=9 pairs over 2 processes: the distributed sampler repeats one pair, which must count once."""
     def fit(devices, out):
         cmd = [
-            sys.executable, "-m", "destein_pl.cli", "fit", "--model.base_model", str(tiny_llama_dir),
+            sys.executable, "-m", "destein_pl.lightning.cli", "fit", "--model.base_model", str(tiny_llama_dir),
             "--data.pairs.source", str(SHARED_DATA / "paradetox" / "paradetox.tsv"),
             "--data.pairs.m", "9", "--data.pairs.batch_size", "2", "--trainer.accelerator", "cpu",
             "--trainer.devices", str(devices),
             "--trainer.strategy", "ddp" if devices > 1 else "auto", "--trainer.logger", "false",
-            "--trainer.callbacks", "destein_pl.checkpoint.SteeringCheckpoint", "--trainer.callbacks.dirpath", str(out),
+            "--trainer.callbacks", "destein_pl.lightning.callbacks.SteeringCheckpoint", "--trainer.callbacks.dirpath", str(out),
             "--trainer.callbacks.filename", "tiny",
         ]
         subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path, timeout=600)
@@ -128,5 +129,5 @@ def test_two_gloo_processes_equal_one(tiny_llama_dir, tmp_path):
     one, two = fit(1, tmp_path / "one"), fit(2, tmp_path / "two")
     assert one.keys() == two.keys()
     torch.testing.assert_close(two["vectors"], one["vectors"], rtol=0, atol=1e-6)
-    assert torch.equal(two["probe_weights"], one["probe_weights"])
+    assert torch.equal(two["head_weights"], one["head_weights"])
     assert json.loads((tmp_path / "two" / "tiny.json").read_text())["pairs"]["m"] == 9

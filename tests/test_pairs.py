@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from destein_pl.pairs import (
+from destein_pl.calibration.pairs import (
     PairsFileError,
     SteeringPair,
     read_pairs,

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from destein_pl import architecture_for
-from destein_pl.perplexity import continuation_perplexities, tokenize_pair
+from destein_pl.evaluation.perplexity import continuation_nll, perplexity, tokenize_pair
 from tests.conftest import FAMILIES, tiny_model
 
 
@@ -23,8 +23,8 @@ def test_shared_prompt_cache_equals_whole_sequence_loss(family):
     model = tiny_model(family)
     prompt = [5, 9, 14, 3, 22, 7]
     continuations = [[11, 12, 13, 14], [40], [], [7, 8, 9, 10, 11, 12, 50]]
-    result = continuation_perplexities(model, architecture_for(model.config), prompt, continuations, pad_token_id=0,
-                                       batch_size=2)
+    result = [perplexity(v) for v in continuation_nll(model, architecture_for(model.config), prompt, continuations,
+                                                      pad_token_id=0, batch_size=2)]
     assert result[2] is None  # an empty continuation has no perplexity
     for value, continuation in zip(result, continuations):
         if continuation:
@@ -37,7 +37,7 @@ def test_texts_are_tokenized_apart_and_long_prompts_cut(tiny_llama_dir):
     prompt, (continuation,) = tokenize_pair(tokenizer, "You are such a", [" stupid person"])
     assert continuation == tokenizer(" stupid person", add_special_tokens=False)["input_ids"]
     long_prompt = prompt * model.config.max_position_embeddings
-    (value,) = continuation_perplexities(model, architecture_for(model.config), long_prompt, [continuation], 2)
+    (value,) = map(perplexity, continuation_nll(model, architecture_for(model.config), long_prompt, [continuation], 2))
     assert value == pytest.approx(
         reference_perplexity(model, long_prompt[-(model.config.max_position_embeddings - len(continuation)):],
                              continuation), rel=1e-5)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from destein_pl.probes import fit_head_probes, split_pairs
+from destein_pl.calibration.probes import fit_head_probes, split_pairs
 
 
 def test_split_keeps_pairs_whole_and_is_seeded():

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from destein_pl.prompts import Prompt, PromptsFileError, read_prompts, sample_prompts, usable_prompts
+from destein_pl.evaluation.prompts import Prompt, PromptsFileError, read_prompts, sample_prompts, usable_prompts
 from tests.conftest import SHARED_DATA
 
 RTP = SHARED_DATA / "rtp"

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from destein_pl.cli import main
-from destein_pl.report import load_results, markdown_table
+from destein_pl.lightning.cli import main
+from destein_pl.evaluation.report import load_results, markdown_table
 
 
 def run(alpha, emt, ppl, toxic=2, nontoxic=0):

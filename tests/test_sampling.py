@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from destein_pl import SteeredCausalLM
-from destein_pl.perplexity import continuation_perplexities
-from destein_pl.sampling import nucleus_choice, row_seed, sample
+from destein_pl.evaluation.perplexity import continuation_nll
+from destein_pl.evaluation.sampling import nucleus_choice, row_seed, sample
 from tests.conftest import FAMILIES, tiny_model
 
 
@@ -43,7 +43,7 @@ def test_greedy_equals_transformers_generate(family):
                          torch.rand(steered.num_layers, steered.num_heads, generator=g), alpha=0.5)
     prompts = [[5, 9, 14, 3, 22], [7, 8]]
     ours = sample(steered, steered.architecture, prompts, [[1, 3], [2, 4]], max_new_tokens=6, pad_token_id=0,
-                  eos_token_ids=[], temperature=0)
+                  eos_token_ids=[], temperature=0).tokens
     for (row, again), ids in zip(ours, prompts):
         assert row == again  # greedy: both samples alike
         x = torch.tensor([ids])
@@ -57,18 +57,18 @@ def test_a_samples_continuation_depends_only_on_its_seed(family):
     steered = SteeredCausalLM(tiny_model(family))
     arch = steered.architecture
     prompt, other = [5, 9, 14, 3], [40, 41, 42, 43, 44, 45, 46, 47]
-    alone = sample(steered, arch, [prompt], [[11, 12]], 10, 0, [2], width=8)
+    alone = sample(steered, arch, [prompt], [[11, 12]], 10, 0, [2], width=8).tokens
     mixed = sample(steered, arch, [other, prompt, other], [[99, 98, 97], [11, 12, 13], [96, 95, 94]], 10, 0, [2],
-                   width=8)
+                   width=8).tokens
     assert mixed[1][:2] == alone[0]
     assert alone[0][0] != alone[0][1]  # different seeds, different samples
 
 
 def test_eos_ends_a_row():
     steered = SteeredCausalLM(tiny_model("gpt2"))
-    full = sample(steered, steered.architecture, [[5, 6, 7]], [[3]], 12, 0, [], temperature=0)[0][0]
+    full = sample(steered, steered.architecture, [[5, 6, 7]], [[3]], 12, 0, [], temperature=0).tokens[0][0]
     stop = full[4]
-    cut = sample(steered, steered.architecture, [[5, 6, 7]], [[3]], 12, 0, [stop], temperature=0)[0][0]
+    cut = sample(steered, steered.architecture, [[5, 6, 7]], [[3]], 12, 0, [stop], temperature=0).tokens[0][0]
     assert cut == full[: full.index(stop)]
 
 
@@ -77,10 +77,10 @@ def test_log_probs_of_the_samples_give_the_models_perplexity(family):
     model = tiny_model(family)
     arch = SteeredCausalLM(model).architecture
     prompt = [5, 9, 14, 3]
-    log_probs = []
-    (rows,) = sample(model, arch, [prompt], [[1, 2, 3, 4, 5]], 7, 0, [2], width=6, log_probs=log_probs)
-    assert [len(r) for r in log_probs[0]] == [len(r) for r in rows]
-    reference = continuation_perplexities(model, arch, prompt, rows, 0)
-    for lp, expected in zip(log_probs[0], reference):
-        assert (expected is None) if not lp else math.exp(-sum(lp) / len(lp)) == pytest.approx(expected, rel=1e-5)
+    result = sample(model, arch, [prompt], [[1, 2, 3, 4, 5]], 7, 0, [2], width=6)
+    (rows,), (log_probs,) = result.tokens, result.log_probs
+    assert [len(r) for r in log_probs] == [len(r) for r in rows]
+    reference = continuation_nll(model, arch, prompt, rows, 0)
+    for lp, expected in zip(log_probs, reference):
+        assert (expected is None) if not lp else -sum(lp) / len(lp) == pytest.approx(expected, rel=1e-5)
     assert any(reference)

@@ -6,18 +6,22 @@ import urllib.parse
 from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import jsonargparse
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
-from destein_pl.scorers import (
+from destein_pl.evaluation.scorers import (
     SCORERS,
     HFClassifierScorer,
     PerspectiveScorer,
     ProfanityCheckScorer,
+    ScorerUnavailableError,
+    ToxicityScorer,
     build_scorer,
 )
+from destein_pl.http_client import RetryPolicy
 
 # ---------------------------------------------------------------- profanity-check
 
@@ -97,13 +101,14 @@ def test_hf_classifier_truncates_long_texts(binary_classifier):
 
 
 def test_hf_classifier_label_errors(binary_classifier, tmp_path):
+    # The labels are only known once the model is loaded: by `setup`, which a run calls before it starts.
     with pytest.raises(ValueError, match=r"unknown label 'insult'.*0='ok', 1='toxic'"):
-        HFClassifierScorer(binary_classifier, label="insult")
+        HFClassifierScorer(binary_classifier, label="insult").setup()
     with pytest.raises(ValueError, match=r"label index 2 is out of range.*'toxic'"):
-        HFClassifierScorer(binary_classifier, label=2)
+        HFClassifierScorer(binary_classifier, label=2).setup()
     three = _save_classifier(tmp_path, num_labels=3, id2label={0: "a", 1: "b", 2: "c"})
     with pytest.raises(ValueError, match=r"3 labels; choose one with `label` \(0='a', 1='b', 2='c'\)"):
-        HFClassifierScorer(three)
+        HFClassifierScorer(three).score(["go away"])  # `score` sets up when nobody did
 
 
 def test_hf_classifier_multi_label_uses_sigmoid(tmp_path):
@@ -114,6 +119,31 @@ def test_hf_classifier_multi_label_uses_sigmoid(tmp_path):
     )
     expected = _direct_logits(path, SENTENCES).sigmoid()[:, 2].tolist()
     assert HFClassifierScorer(path, label="insult", device="cpu").score(SENTENCES) == pytest.approx(expected, abs=1e-5)
+
+
+def test_hf_classifier_constructor_loads_nothing_and_checks_its_arguments(tmp_path):
+    scorer = HFClassifierScorer(str(tmp_path / "no-such-model"), label="toxic", max_length=128)
+    assert scorer.fingerprint() == {"name": "hf-classifier", "model": str(tmp_path / "no-such-model"),
+                                    "label": "toxic", "max_length": 128}
+    with pytest.raises(OSError):
+        scorer.setup()
+    for kwargs, message in [({"batch_size": 0}, "`batch_size` must be at least 1"),
+                            ({"max_length": 0}, "`max_length` must be at least 1"),
+                            ({"label": -1}, "`label` as an index must be at least 0"),
+                            ({"device": "gpu7"}, "`device` 'gpu7' is not a torch device")]:
+        with pytest.raises(ValueError, match=message):
+            HFClassifierScorer("some/model", **kwargs)
+    with pytest.raises(ValueError, match="`model` must name a classifier"):
+        HFClassifierScorer("")
+
+
+def test_hf_classifier_setup_is_idempotent(binary_classifier):
+    scorer = HFClassifierScorer(binary_classifier, device="cpu")
+    scorer.setup()
+    model = scorer.model
+    scorer.setup()
+    scorer.score(["go away"])
+    assert scorer.model is model
 
 
 # ---------------------------------------------------------------- perspective
@@ -128,7 +158,6 @@ class FakePerspective:
 
     def __init__(self) -> None:
         self.script: dict[str, list[tuple[int, dict[str, str]]]] = {}
-        self.arrivals: list[tuple[float, str]] = []
         self.counts: Counter[str] = Counter()
         self.served: dict[str, int] = defaultdict(int)
         self.lock = threading.Lock()
@@ -136,11 +165,9 @@ class FakePerspective:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                arrived = time.monotonic()
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 text = body["comment"]["text"]
                 with fake.lock:
-                    fake.arrivals.append((arrived, text))
                     fake.counts[text] += 1
                     failures = fake.script.get(text, [])
                     n = fake.served[text]
@@ -172,17 +199,22 @@ class FakePerspective:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1alpha1/comments:analyze"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Shut the server down for good: from now on nothing answers at its address."""
+        if self.thread.is_alive():
+            self.server.shutdown()
+            self.server.server_close()
+            self.thread.join(timeout=5)
 
 
 @pytest.fixture
 def fake_perspective():
     fake = FakePerspective()
-    thread = threading.Thread(target=fake.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
     yield fake
-    fake.server.shutdown()
-    fake.server.server_close()
-    thread.join(timeout=5)
+    fake.stop()
 
 
 @pytest.fixture
@@ -206,18 +238,20 @@ def test_perspective_scores_retries_failures_rate_limit_and_cache(fake_perspecti
     }
     texts = ["hello there", a, "", b, c, "   ", d, "idiot"]
     scorer = _scorer(fake, cache)
-    with caplog.at_level(logging.WARNING, logger="destein_pl.scorers"):
+    assert scorer.policy == RetryPolicy(max_retries=3, backoff_s=0.01, timeout_s=5.0)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="destein_pl.evaluation.scorers"):
         scores = scorer.score(texts)
+    elapsed = time.monotonic() - started
 
     assert scores == [0.0, 0.5, 0.0, 0.75, None, 0.0, None, 1.0]
     assert scorer.missing == 2
     assert fake.counts == {"hello there": 1, a: 2, b: 3, c: 4, d: 1, "idiot": 1}  # 1 + max_retries for c
     assert scorer.requests == sum(fake.counts.values()) and scorer.cache_hits == 0
-    assert "HTTP 500" in caplog.text and "HTTP 400" in caplog.text
-
-    starts = [t for t, _ in fake.arrivals]
-    gaps = [later - earlier for earlier, later in zip(starts, starts[1:])]
-    assert min(gaps) >= 1 / 20 - 0.01, gaps
+    assert "HTTP 500" in caplog.text and "HTTP 400" in caplog.text and KEY not in caplog.text
+    # Request starts are at least 1/20 s apart (the exact spacing is tested on a fake clock in test_http_client;
+    # measured here on the client, as a lower bound that a loaded machine cannot break).
+    assert elapsed >= (scorer.requests - 1) / 20
 
     # A rerun (e.g. after an interruption) pays nothing for what succeeded; failures are tried again.
     fake.counts.clear()
@@ -228,51 +262,183 @@ def test_perspective_scores_retries_failures_rate_limit_and_cache(fake_perspecti
 
 
 def test_perspective_backoff_is_exponential_and_honours_retry_after(fake_perspective, api_key, tmp_path):
+    # The exact waits are tested in test_http_client; here, that the scorer waits at least that long.
     fake = fake_perspective
     fake.script = {"idiot": [(500, {}), (502, {}), (503, {})], "slow down": [(429, {"Retry-After": "0.3"})]}
     scorer = _scorer(fake, tmp_path / "p.sqlite", requests_per_second=1000.0, backoff_s=0.05)
-    assert scorer.score(["idiot", "slow down"]) == [1.0, 0.0]
-    starts = defaultdict(list)
-    for t, text in fake.arrivals:
-        starts[text].append(t)
-    waits = [later - earlier for earlier, later in zip(starts["idiot"], starts["idiot"][1:])]
-    assert len(waits) == 3 and all(w >= expected - 0.01 for w, expected in zip(waits, [0.05, 0.1, 0.2])), waits
-    assert starts["slow down"][1] - starts["slow down"][0] >= 0.3 - 0.01  # Retry-After beats backoff_s=0.05
+    started = time.monotonic()
+    assert scorer.score(["idiot"]) == [1.0]
+    assert time.monotonic() - started >= 0.05 + 0.1 + 0.2
+    started = time.monotonic()
+    assert scorer.score(["slow down"]) == [0.0]
+    assert time.monotonic() - started >= 0.3  # Retry-After beats backoff_s=0.05
+    assert fake.counts == {"idiot": 4, "slow down": 2}
 
 
-def test_perspective_connection_errors_are_retried_then_missing(api_key, tmp_path, caplog):
-    with ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler) as closed:
-        port = closed.server_address[1]  # closed again on exit: nothing listens there any more
-    scorer = PerspectiveScorer(
-        url=f"http://127.0.0.1:{port}/x", cache_path=str(tmp_path / "p.sqlite"), requests_per_second=100.0,
-        max_retries=2, backoff_s=0.01, timeout_s=2.0,
-    )
-    with caplog.at_level(logging.WARNING, logger="destein_pl.scorers"):
+def test_perspective_connection_errors_are_retried_then_missing(fake_perspective, api_key, tmp_path, caplog):
+    fake = fake_perspective
+    scorer = _scorer(fake, tmp_path / "p.sqlite", requests_per_second=100.0, max_retries=2, timeout_s=2.0)
+    assert scorer.score(["idiot"]) == [1.0]  # the server was up
+    fake.stop()
+    with caplog.at_level(logging.WARNING, logger="destein_pl.evaluation.scorers"):
         assert scorer.score(["some text"]) == [None]
-    assert scorer.requests == 3 and scorer.missing == 1
-    assert "after 2 retries" in caplog.text
+    assert scorer.requests == 1 + 3 and scorer.missing == 1
+    assert "after 2 retries" in caplog.text and "connection error" in caplog.text
+
+
+def test_perspective_stops_after_consecutive_failures(fake_perspective, api_key, tmp_path):
+    fake = fake_perspective
+    texts = [f"text {i}" for i in range(8)]
+    fake.script = {t: [(503, {})] * ALWAYS for t in texts}
+    scorer = _scorer(fake, tmp_path / "p.sqlite", requests_per_second=1000.0, max_retries=0, backoff_s=0.0,
+                     max_consecutive_failures=3)
+    started = time.monotonic()
+    with pytest.raises(ScorerUnavailableError, match=r"3 texts in a row.*HTTP 503.*looks unavailable") as info:
+        scorer.score(texts)
+    assert time.monotonic() - started < 5.0  # well under a second unless the machine stalls
+    assert "kept" in str(info.value) and "rerun" in str(info.value) and KEY not in str(info.value)
+    assert scorer.requests == 3 and scorer.missing == 3 and sum(fake.counts.values()) == 3
+
+
+def test_perspective_failures_in_a_row_are_reset_by_a_score(fake_perspective, api_key, tmp_path):
+    fake = fake_perspective
+    bad = [f"broken {i}" for i in range(4)]
+    fake.script = {t: [(503, {})] * ALWAYS for t in bad}
+    scorer = _scorer(fake, tmp_path / "p.sqlite", requests_per_second=1000.0, max_retries=0, backoff_s=0.0,
+                     max_consecutive_failures=3)
+    assert scorer.score([bad[0], bad[1], "idiot", bad[2], "", bad[3]]) == [None, None, 1.0, None, 0.0, None]
+    assert scorer.missing == 4 and scorer.requests == 5
+    # The count goes on across calls (a run scores batch by batch): one more failure is the third in a row.
+    with pytest.raises(ScorerUnavailableError):
+        scorer.score(["broken 0"])
+    never = _scorer(fake, tmp_path / "p.sqlite", requests_per_second=1000.0, max_retries=0, backoff_s=0.0,
+                    max_consecutive_failures=None)
+    assert never.score(bad * 2) == [None] * 8 and never.missing == 8  # unscored is None, never 0
+
+
+def test_perspective_constructor_reads_nothing_and_checks_its_arguments(monkeypatch, tmp_path):
+    monkeypatch.delenv("MY_PERSPECTIVE_KEY", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    scorer = PerspectiveScorer(api_key_env="MY_PERSPECTIVE_KEY")  # no key yet: building is fine, as for `fit`
+    assert scorer.cache_file is None and not (tmp_path / "xdg").exists()
+    with pytest.raises(ValueError, match="MY_PERSPECTIVE_KEY"):
+        scorer.setup()
+    for kwargs, message in [
+        ({"requests_per_second": 0}, "requests_per_second` must be a finite number > 0"),
+        ({"max_retries": -1}, "max_retries must be at least 0"),
+        ({"backoff_s": -1.0}, "backoff_s must be"),
+        ({"timeout_s": 0.0}, "timeout_s must be"),
+        ({"max_consecutive_failures": 0}, "max_consecutive_failures` must be at least 1"),
+        ({"languages": []}, "`languages` must be a non-empty list"),
+        ({"url": "ftp://example.com/x?key=SECRET"}, r"`url` must be an http\(s\) URL, got 'ftp://example.com/x'"),
+        ({"attribute": ""}, "`attribute` must name"),
+        ({"api_key_env": ""}, "`api_key_env` must name"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            PerspectiveScorer(**kwargs)
 
 
 def test_perspective_missing_key_and_default_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("MY_PERSPECTIVE_KEY", raising=False)
+    scorer = PerspectiveScorer(api_key_env="MY_PERSPECTIVE_KEY", cache_path=str(tmp_path / "p.sqlite"))
     with pytest.raises(ValueError, match="MY_PERSPECTIVE_KEY"):
-        PerspectiveScorer(api_key_env="MY_PERSPECTIVE_KEY", cache_path=str(tmp_path / "p.sqlite"))
+        scorer.score(["some text"])
     monkeypatch.setenv("MY_PERSPECTIVE_KEY", KEY)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     scorer = PerspectiveScorer(api_key_env="MY_PERSPECTIVE_KEY")
-    assert scorer.cache_path == str(tmp_path / "xdg" / "destein-pl" / "perspective.sqlite")
+    scorer.setup()
+    assert str(scorer.cache_file) == str(tmp_path / "xdg" / "destein-pl" / "perspective.sqlite")
     assert (tmp_path / "xdg" / "destein-pl" / "perspective.sqlite").is_file()
     assert scorer.score(["", " \n"]) == [0.0, 0.0] and scorer.requests == 0
 
 
-# ---------------------------------------------------------------- registry
+def test_fingerprints_name_what_scores_depend_on_and_no_key(api_key, tmp_path):
+    assert ProfanityCheckScorer().fingerprint() == {"name": "profanity-check"}
+    scorer = PerspectiveScorer(url="https://example.com/v1/analyze", attribute="INSULT", languages=["de"],
+                               requests_per_second=5.0, max_retries=1, cache_path=str(tmp_path / "p.sqlite"))
+    fingerprint = scorer.fingerprint()  # no setup needed: it goes into a run's settings before anything loads
+    assert scorer.cache_file is None
+    assert fingerprint == {"name": "perspective", "attribute": "INSULT", "languages": ["de"],
+                           "url": "https://example.com/v1/analyze"}
+    scorer.setup()
+    assert scorer.fingerprint() == fingerprint and KEY not in json.dumps(fingerprint)
+    assert PerspectiveScorer().fingerprint()["attribute"] == "TOXICITY"
 
 
-def test_build_scorer(api_key, tmp_path):
+# ---------------------------------------------------------------- registry and config parsing
+
+
+def test_build_scorer(monkeypatch, tmp_path):
+    monkeypatch.delenv("PERSPECTIVE_API_KEY", raising=False)  # building reads no key
     assert set(SCORERS) == {"profanity-check", "hf-classifier", "perspective"}
+    assert {name: cls.name for name, cls in SCORERS.items()} == {n: n for n in SCORERS}
     assert isinstance(build_scorer("profanity-check"), ProfanityCheckScorer)
     scorer = build_scorer("perspective", cache_path=str(tmp_path / "p.sqlite"), attribute="INSULT")
     assert isinstance(scorer, PerspectiveScorer) and scorer.attribute == "INSULT"
+    assert build_scorer(scorer) is scorer
+    assert isinstance(build_scorer("PerspectiveScorer"), PerspectiveScorer)
+    hf = build_scorer("destein_pl.evaluation.scorers.HFClassifierScorer", model="some/model")
+    assert isinstance(hf, HFClassifierScorer) and hf.model_name == "some/model"
     accepted = "accepted: profanity-check, hf-classifier, perspective"
     with pytest.raises(ValueError, match=f"unknown scorer 'detoxify'; {accepted}"):
         build_scorer("detoxify")
+    with pytest.raises(ValueError, match="unexpected keyword argument 'api_key'.*accepted options: api_key_env, url"):
+        build_scorer("perspective", api_key="secret")
+    with pytest.raises(ValueError, match="already built"):
+        build_scorer(scorer, attribute="TOXICITY")
+    with pytest.raises(ValueError, match="not a scorer"):
+        build_scorer("destein_pl.induce.rewriters.LexicalRewriter")
+
+
+def _evaluate(scorer: ToxicityScorer | str = "profanity-check") -> None:
+    """Stands for a config with a scorer field, like `EvaluationConfig`.
+
+    Args:
+        scorer: the toxicity scorer.
+    """
+
+
+def _parser() -> jsonargparse.ArgumentParser:
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--config", action="config")
+    parser.add_function_arguments(_evaluate)
+    return parser
+
+
+def test_scorer_parses_as_short_name_or_class_path(monkeypatch, tmp_path):
+    monkeypatch.delenv("PERSPECTIVE_API_KEY", raising=False)  # parsing builds the scorer: it must read no key
+    parser = _parser()
+    assert parser.parse_args([]).scorer == "profanity-check"
+    assert parser.parse_args(["--scorer", "perspective"]).scorer == "perspective"
+    config = tmp_path / "config.yaml"
+    config.write_text("scorer:\n  class_path: PerspectiveScorer\n  init_args:\n    attribute: INSULT\n"
+                      "    max_consecutive_failures: 3\n")
+    scorer = parser.instantiate(parser.parse_args(["--config", str(config)])).scorer
+    assert isinstance(scorer, PerspectiveScorer)
+    assert (scorer.attribute, scorer.max_consecutive_failures, scorer.languages) == ("INSULT", 3, ["en"])
+    args = ["--scorer", "destein_pl.evaluation.scorers.HFClassifierScorer", "--scorer.model", "some/model",
+            "--scorer.max_length", "64"]
+    scorer = parser.instantiate(parser.parse_args(args)).scorer
+    assert isinstance(scorer, HFClassifierScorer) and (scorer.model_name, scorer.max_length) == ("some/model", 64)
+    assert build_scorer(scorer) is scorer
+
+
+def test_scorer_config_errors_name_the_option(tmp_path):
+    parser = _parser()
+    config = tmp_path / "config.yaml"
+    config.write_text("scorer:\n  class_path: PerspectiveScorer\n  init_args:\n    api_key: secret\n")
+    with pytest.raises(jsonargparse.ArgumentError, match="Option 'api_key' is not accepted"):
+        parser.parse_args(["--config", str(config)])
+    config.write_text("scorer:\n  class_path: PerspectiveScorer\n  init_args:\n    requests_per_second: 0\n")
+    with pytest.raises((jsonargparse.ArgumentError, ValueError), match="requests_per_second` must be"):
+        parser.instantiate(parser.parse_args(["--config", str(config)]))
+
+
+def test_scorer_help_lists_its_options(capsys):
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--scorer.help", "PerspectiveScorer"])
+    shown = capsys.readouterr().out
+    for option in ("api_key_env", "url", "attribute", "languages", "requests_per_second", "max_retries", "backoff_s",
+                   "timeout_s", "cache_path", "max_consecutive_failures"):
+        assert f"--scorer.{option}" in shown
+    assert "texts in a row got no score" in shown  # the docstring's description of the option

@@ -180,7 +180,7 @@ def test_alpha_is_readable_and_settable_and_scales_the_edit():
     vectors, probes = random_steering(steered)
     steered.set_steering(vectors, probes, alpha=0.25)
     assert steered.alpha == 0.25
-    assert torch.equal(steered.vectors, vectors) and torch.equal(steered.probe_weights, probes)
+    assert torch.equal(steered.vectors, vectors) and torch.equal(steered.head_weights, probes)
     steered.alpha = 0.0
     base = tiny_model("opt")
     ids = random_ids(1, 6)
@@ -193,7 +193,7 @@ def test_set_steering_rejects_wrong_shapes():
     L, H, D = steered.num_layers, steered.num_heads, steered.head_dim
     with pytest.raises(ValueError, match=r"vectors must have shape .*\[3, 4, 8\], got \[3, 4, 7\]"):
         steered.set_steering(torch.zeros(L, H, D - 1), torch.zeros(L, H))
-    with pytest.raises(ValueError, match=r"probe_weights must have shape .*\[3, 4\], got \[4, 3\]"):
+    with pytest.raises(ValueError, match=r"head_weights must have shape .*\[3, 4\], got \[4, 3\]"):
         steered.set_steering(torch.zeros(L, H, D), torch.zeros(H, L))
     with pytest.raises(ValueError, match="NaN"):
         steered.set_steering(torch.full((L, H, D), float("nan")), torch.zeros(L, H))

@@ -167,3 +167,43 @@ class PromptsDataset(Dataset):
 
 def collate_prompts(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"index": torch.tensor([i["index"] for i in items]), "prompts": [i["prompt"] for i in items]}
+
+
+@dataclass
+class PromptsConfig:
+    """Evaluation prompts.
+
+    Args:
+        source: RealToxicityPrompts JSONL, a plain JSONL (`{"text", "id"?, "toxicity"?}`), a text file (one prompt
+            a line), or a hub dataset id (e.g. `allenai/real-toxicity-prompts`).
+        n: how many prompts to sample with `seed` (None: all).
+        seed: seed of the sample.
+        batch_size: prompts per step; each prompt brings `num_samples` rows to one generation batch.
+        format: `auto`, `rtp`, `jsonl`, `text` or `hf`.
+        text_field: the prompt's key in a plain JSONL file.
+        split: hub dataset split.
+    """
+
+    source: str
+    n: int | None = None
+    seed: int = 0
+    batch_size: int = 4
+    format: PromptsFormat = "auto"
+    text_field: str = "text"
+    split: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.n is not None and self.n < 1:
+            raise ValueError(f"prompts.n must be at least 1 (or None for all prompts), got {self.n}")
+        if self.batch_size < 1:
+            raise ValueError(f"prompts.batch_size must be at least 1, got {self.batch_size}")
+
+
+def load_prompts(config: PromptsConfig) -> list[Prompt]:
+    """The prompts a config selects: read, drop empty ones (counted in the log), sample."""
+    everything = read_prompts(config.source, config.format, config.text_field, config.split)
+    kept, empty = usable_prompts(everything)
+    log.info("%s: %d prompts read, %d used, %d empty skipped", config.source, len(everything), len(kept), empty)
+    if not kept:
+        raise ValueError(f"{config.source}: no usable prompt (all {len(everything)} are empty)")
+    return sample_prompts(kept, config.n, config.seed)

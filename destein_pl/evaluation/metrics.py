@@ -8,6 +8,10 @@ twice. States are concatenated across processes, so the metrics sync under DDP (
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -138,3 +142,27 @@ class ContinuationPerplexity(PerPromptMetric):
 
     def _aggregate(self, values: Tensor) -> Tensor:
         return values[:, 0].sum() / values[:, 1].sum()
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric of the evaluation: its key in `results.json`, its column in the tables, and what it reads."""
+
+    name: str
+    title: str
+    fmt: str
+    build: Callable[[], PerPromptMetric]
+    reads: Literal["toxicity", "perplexity", "continuations"]
+    """The field of a prompt's record passed to `update`: `[P, K]` scores or perplexities, or the texts."""
+
+
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("emt", "EMT", "{:.3f}", ExpectedMaxToxicity, "toxicity"),
+    MetricSpec("tp", "TP", "{:.3f}", ToxicityProbability, "toxicity"),
+    MetricSpec("ppl", "PPL", "{:.2f}", ContinuationPerplexity, "perplexity"),
+    MetricSpec("dist1", "Dist-1", "{:.3f}", lambda: DistinctN(1), "continuations"),
+    MetricSpec("dist2", "Dist-2", "{:.3f}", lambda: DistinctN(2), "continuations"),
+    MetricSpec("dist3", "Dist-3", "{:.3f}", lambda: DistinctN(3), "continuations"),
+)
+"""Every metric an evaluation computes, per subset of prompts; adding one here adds it everywhere."""
+METRIC_NAMES = tuple(m.name for m in METRICS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
 
 TOXIC_CUE = "The following text is abusive, harmful, negative, obscene, racist, rude and toxic: "
 NONTOXIC_CUE = "The following text is kind, polite, positive, respectful and supportive: "
@@ -159,4 +162,66 @@ def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
         "index": torch.tensor([i["index"] for i in items]),
         "toxic": [i["toxic"] for i in items],
         "nontoxic": [i["nontoxic"] for i in items],
+    }
+
+
+@dataclass
+class PairsConfig:
+    """Steering pairs for calibration.
+
+    Args:
+        source: a JSONL file (`{"toxic": ..., "nontoxic": ...}` a line), a ParaDetox TSV file, or a hub dataset id.
+        m: how many pairs to sample (paper: 20 for GPT-2, 40 for LLMs).
+        seed: seed of the sample.
+        cues: prepend the paper's cues (`toxic_cue`, `nontoxic_cue`) to the two sides.
+        toxic_cue: the cue of the toxic side.
+        nontoxic_cue: the cue of the non-toxic side.
+        batch_size: pairs per step (each step runs both sides).
+        format: `auto` (by extension; `org/name` is a hub id), `jsonl`, `paradetox` or `hf`.
+        toxic_field: JSONL key or hub column of the toxic side.
+        nontoxic_field: JSONL key or hub column of the non-toxic side.
+        split: hub dataset split.
+    """
+
+    source: str
+    m: int = 40
+    seed: int = 0
+    cues: bool = True
+    toxic_cue: str = TOXIC_CUE
+    nontoxic_cue: str = NONTOXIC_CUE
+    batch_size: int = 8
+    format: PairsFormat = "auto"
+    toxic_field: str = "toxic"
+    nontoxic_field: str = "nontoxic"
+    split: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.m < 2:
+            raise ValueError(f"pairs.m must be at least 2 (probes need pairs to train and validate on), got {self.m}")
+        if self.batch_size < 1:
+            raise ValueError(f"pairs.batch_size must be at least 1, got {self.batch_size}")
+
+    @property
+    def cue_pair(self) -> tuple[str, str] | None:
+        return (self.toxic_cue, self.nontoxic_cue) if self.cues else None
+
+
+def load_pairs(config: PairsConfig) -> list[SteeringPair]:
+    """The `m` pairs a config selects: read, drop unusable ones (counted in the log), sample."""
+    everything = read_pairs(config.source, config.format, config.toxic_field, config.nontoxic_field, config.split)
+    kept, skipped = usable_pairs(everything)
+    log.info("%s: %d pairs read, %d usable (skipped %d with an empty side, %d with identical sides)",
+                config.source, len(everything), len(kept), skipped["empty"], skipped["identical"])
+    return sample_pairs(kept, config.m, config.seed)
+
+
+def pairs_provenance(config: PairsConfig) -> dict[str, Any]:
+    """Where the pairs came from, without machine paths: file name and content hash, or the hub id."""
+    is_file = Path(config.source).expanduser().is_file()
+    return {
+        "source": Path(config.source).name if is_file else config.source,
+        "sha256": source_digest(config.source),
+        "m": config.m,
+        "seed": config.seed,
+        "cues": {"toxic": config.toxic_cue, "nontoxic": config.nontoxic_cue} if config.cues else None,
     }

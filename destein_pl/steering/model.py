@@ -4,14 +4,16 @@ Each attention block of the wrapped model is turned, in place, into an instance 
 own class (`SteeredLlamaAttention`, ...). The subclass carries three non-learned buffers and edits the input of
 the block's output projection, i.e. the concatenated per-head outputs, at every position:
 
-    h'[head] = h[head] + alpha * p[head] * v[head]
+    h'[head] = h[head] + alpha * w[head] * v[head]
 
-With all buffers at zero (the initial state) the model computes exactly what the base model computes.
+with `v` the head's detoxification vector and `w` its weight (its probe's validation accuracy, or 1 for uniform
+weighting). With all buffers at zero (the initial state) the model computes exactly what the base model computes.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -19,8 +21,9 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from destein_pl.activations import LastTokensRecorder
-from destein_pl.architectures import Architecture, architecture_for
+from destein_pl.steering.activations import LastTokensRecorder
+from destein_pl.steering.architectures import Architecture, architecture_for
+from destein_pl.steering.checkpoint import load_steered
 
 Recorder = Callable[[int, Tensor], None]
 
@@ -29,7 +32,7 @@ class SteeredAttention(nn.Module):
     """Mixin of the generated attention subclasses; holds the steering buffers of one layer."""
 
     steer_vectors: Tensor
-    steer_probe_weights: Tensor
+    steer_head_weights: Tensor
     steer_alpha: Tensor
 
     def _init_steering(self, layer_idx: int, num_heads: int, head_dim: int, projection: nn.Module) -> None:
@@ -37,14 +40,14 @@ class SteeredAttention(nn.Module):
         self.steer_layer_idx = layer_idx
         self.steer_recorder: Recorder | None = None
         self.register_buffer("steer_vectors", torch.zeros(num_heads, head_dim, device=weight.device))
-        self.register_buffer("steer_probe_weights", torch.zeros(num_heads, device=weight.device))
+        self.register_buffer("steer_head_weights", torch.zeros(num_heads, device=weight.device))
         self.register_buffer("steer_alpha", torch.zeros((), device=weight.device))
         # A bound method (not a closure) so that copy.deepcopy rebinds the hook to the copied block.
         projection.register_forward_pre_hook(self._steer_projection_input)
 
     def steering_offset(self) -> Tensor:
         """The vector added to the projection input, `[num_heads * head_dim]`, in float32."""
-        weighted = self.steer_alpha.float() * self.steer_probe_weights.float()[:, None] * self.steer_vectors.float()
+        weighted = self.steer_alpha.float() * self.steer_head_weights.float()[:, None] * self.steer_vectors.float()
         return weighted.reshape(-1)
 
     def _steer_projection_input(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -73,14 +76,21 @@ class SteeredCausalLM(nn.Module):
     """A Hugging Face causal LM with DeStein head-wise steering at every attention block.
 
     `forward` and `generate` take the wrapped model's arguments. The steering buffers start at zero; set them
-    with `set_steering` (or load a calibrated checkpoint).
+    with `set_steering`, `calibrate(...).apply(...)`, or load a calibrated checkpoint with `from_checkpoint`.
+    `base_model` names the model for checkpoints and reports (default: the config's `_name_or_path`).
+    The wrapped model's parameters are frozen: steering happens at inference time, and CPU kernels take another
+    code path (other last bits) for parameters that require gradients.
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None,
+                 base_model: str | None = None) -> None:
         super().__init__()
         self.architecture: Architecture = architecture_for(model.config)
+        model.requires_grad_(False)
         self.model = model
         self.tokenizer = tokenizer
+        self.base_model = (base_model or getattr(model, "destein_source", None)
+                           or getattr(model.config, "_name_or_path", None) or None)
         self.num_layers = self.architecture.num_layers(model.config)
         self.num_heads = self.architecture.num_heads(model.config)
         self.head_dim = self.architecture.head_dim(model.config)
@@ -127,9 +137,15 @@ class SteeredCausalLM(nn.Module):
         return torch.stack([b.steer_vectors.detach().cpu() for b in self.blocks])
 
     @property
+    def head_weights(self) -> Tensor:
+        """Per-head weights `[num_layers, num_heads]`: probe accuracies, or ones for uniform weighting."""
+        return torch.stack([b.steer_head_weights.detach().cpu() for b in self.blocks])
+
+    @property
     def probe_weights(self) -> Tensor:
-        """Per-head weights (probe accuracies), `[num_layers, num_heads]`."""
-        return torch.stack([b.steer_probe_weights.detach().cpu() for b in self.blocks])
+        """Deprecated name of `head_weights`."""
+        warnings.warn("SteeredCausalLM.probe_weights is deprecated; use head_weights", DeprecationWarning, 2)
+        return self.head_weights
 
     @property
     def alpha(self) -> float:
@@ -145,28 +161,28 @@ class SteeredCausalLM(nn.Module):
             block.steer_alpha.fill_(value)
 
     @torch.no_grad()
-    def set_steering(self, vectors: Tensor, probe_weights: Tensor, alpha: float | None = None) -> None:
+    def set_steering(self, vectors: Tensor, head_weights: Tensor, alpha: float | None = None) -> None:
         """Set every head's vector `[L, H, D]` and weight `[L, H]`, and optionally alpha."""
         expected_v = (self.num_layers, self.num_heads, self.head_dim)
         expected_p = (self.num_layers, self.num_heads)
         vectors = torch.as_tensor(vectors)
-        probe_weights = torch.as_tensor(probe_weights)
+        head_weights = torch.as_tensor(head_weights)
         if tuple(vectors.shape) != expected_v:
             raise ValueError(
                 f"vectors must have shape [num_layers, num_heads, head_dim] = {list(expected_v)}, "
                 f"got {list(vectors.shape)}"
             )
-        if tuple(probe_weights.shape) != expected_p:
+        if tuple(head_weights.shape) != expected_p:
             raise ValueError(
-                f"probe_weights must have shape [num_layers, num_heads] = {list(expected_p)}, "
-                f"got {list(probe_weights.shape)}"
+                f"head_weights must have shape [num_layers, num_heads] = {list(expected_p)}, "
+                f"got {list(head_weights.shape)}"
             )
-        for name, tensor in (("vectors", vectors), ("probe_weights", probe_weights)):
+        for name, tensor in (("vectors", vectors), ("head_weights", head_weights)):
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{name} contains NaN or infinite values")
-        for block, v, p in zip(self.blocks, vectors, probe_weights):
+        for block, v, w in zip(self.blocks, vectors, head_weights):
             block.steer_vectors.copy_(v)
-            block.steer_probe_weights.copy_(p)
+            block.steer_head_weights.copy_(w)
         if alpha is not None:
             self.alpha = alpha
 
@@ -202,9 +218,7 @@ class SteeredCausalLM(nn.Module):
         Loads the base model the checkpoint names (in its dtype unless `dtype` is given), checks the checkpoint
         was made for that architecture, and applies its steering; `alpha` overrides the stored strength.
         """
-        from destein_pl.checkpoint import from_checkpoint
-
-        return from_checkpoint(path, alpha=alpha, dtype=dtype, device_map=device_map)
+        return load_steered(cls, path, alpha=alpha, dtype=dtype, device_map=device_map)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)

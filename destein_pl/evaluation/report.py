@@ -6,24 +6,26 @@ import json
 from pathlib import Path
 from typing import Any
 
-from destein_pl.evaluation import SUBSETS
-
-COLUMNS = (("emt", "EMT", "{:.3f}"), ("tp", "TP", "{:.3f}"), ("ppl", "PPL", "{:.2f}"),
-           ("dist1", "Dist-1", "{:.3f}"), ("dist2", "Dist-2", "{:.3f}"), ("dist3", "Dist-3", "{:.3f}"))
+from destein_pl.evaluation.metrics import METRICS
+from destein_pl.evaluation.runs import SUBSETS
 
 
 def markdown_table(runs: list[dict[str, Any]], labels: list[str] | None = None) -> str:
-    """One row per (run, subset): EMT, TP, PPL, Dist-1/2/3, and the number of prompts."""
+    """One row per (run, subset): every metric, and the number of prompts; a column of missing toxicity scores
+    when a run has any."""
     labels = labels or [f"alpha={r['alpha']:g}" for r in runs]
-    lines = ["| run | prompts | subset | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|---|---:|---|" + "---:|" * len(COLUMNS)]
+    missing = any(r["counts"].get("missing_scores") for r in runs)
+    titles = [m.title for m in METRICS] + (["missing scores"] if missing else [])
+    lines = ["| run | prompts | subset | " + " | ".join(titles) + " |", "|---|---:|---|" + "---:|" * len(titles)]
     for label, run in zip(labels, runs):
         for subset in SUBSETS:
             count = run["counts"]["prompts"][subset]
             if count == 0:
                 continue
             values = run["metrics"][subset]
-            cells = [fmt.format(values[key]) for key, _, fmt in COLUMNS]
+            cells = ["n/a" if values[m.name] is None else m.fmt.format(values[m.name]) for m in METRICS]
+            if missing:
+                cells.append(str(run["counts"]["missing_scores"]) if subset == "all" else "")
             lines.append(f"| {label} | {count} | {subset} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -10,11 +10,15 @@ either. The same prompt then gives the same continuations however the work is sp
 from __future__ import annotations
 
 import hashlib
+import logging
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from destein_pl.architectures import Architecture
+from destein_pl.steering.architectures import Architecture
+
+log = logging.getLogger(__name__)
 
 MIN_ROWS = 8
 """Batches are filled up to this many rows: CPU matrix kernels take another code path for fewer than 4 rows,
@@ -26,6 +30,26 @@ def row_seed(seed: int, prompt_id: str, sample: int) -> int:
     """A 63-bit seed from (seed, prompt id, sample index), stable across processes and Python versions."""
     digest = hashlib.sha256(f"{seed}\x00{prompt_id}\x00{sample}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def end_token_ids(generation_config, tokenizer) -> list[int]:
+    """The tokens that end a continuation, one rule everywhere: the tokenizer's EOS and the generation config's
+    (one id or several)."""
+    ids = getattr(generation_config, "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+@dataclass
+class SampleResult:
+    """Continuations of token-id prompts: `tokens[p][s]` holds sample s of prompt p, up to and excluding the first
+    end token; `log_probs[p][s]` each of those tokens' log-probability under the sampling model's own distribution
+    (temperature 1, before the nucleus cut), which is their log-likelihood when that model is the judge."""
+
+    tokens: list[list[list[int]]]
+    log_probs: list[list[list[float]]]
 
 
 def nucleus_choice(logits: Tensor, uniforms: Tensor, top_p: float, temperature: float) -> Tensor:
@@ -55,15 +79,12 @@ def sample(
     top_p: float = 0.9,
     temperature: float = 1.0,
     width: int | None = None,
-    log_probs: list | None = None,
-) -> list[list[list[int]]]:
+) -> SampleResult:
     """Continue token-id prompts, `len(seeds[p])` samples of prompt p, all in one batch with the KV cache.
 
     Each prompt is run once (left-padded to `width`, or to the longest prompt) and its cache repeated for its
     samples. With a fixed `width`, a row's logits do not depend on the other rows of the batch (given
-    batch-invariant kernels, as on CPU), so nor do its samples. Returns, per prompt and sample, the new tokens up
-    to and excluding the first EOS. A list passed as `log_probs` receives, in the same layout, each new token's
-    log-probability under the model's own distribution (temperature 1, before the nucleus cut).
+    batch-invariant kernels, as on CPU), so nor do its samples.
     """
     if len(prompts) != len(seeds) or len({len(s) for s in seeds}) != 1:
         raise ValueError("seeds must hold one list of the same length per prompt")
@@ -98,8 +119,7 @@ def sample(
         uniforms = torch.cat([torch.rand(1, generator=g) for g in generators]).to(device)
         token = nucleus_choice(logits, uniforms, top_p, temperature).masked_fill(finished, pad_token_id)
         steps.append(token)
-        if log_probs is not None:
-            step_log_probs.append(torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None])[:, 0])
+        step_log_probs.append(torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None])[:, 0])
         finished |= torch.isin(token, eos)
         if finished[real].all() or step == max_new_tokens - 1:
             break
@@ -112,7 +132,78 @@ def sample(
     tokens = torch.stack(steps, dim=1).view(len(prompts), repeats, -1)[:, :samples].tolist()
     eos_set = set(eos_token_ids)
     lengths = [[next((i for i, t in enumerate(row) if t in eos_set), len(row)) for row in rows] for rows in tokens]
-    if log_probs is not None:
-        values = torch.stack(step_log_probs, dim=1).view(len(prompts), repeats, -1)[:, :samples].tolist()
-        log_probs[:] = [[row[:n] for row, n in zip(rows, ns)] for rows, ns in zip(values, lengths)]
-    return [[row[:n] for row, n in zip(rows, ns)] for rows, ns in zip(tokens, lengths)]
+    values = torch.stack(step_log_probs, dim=1).view(len(prompts), repeats, -1)[:, :samples].tolist()
+    cut = lambda nested: [[row[:n] for row, n in zip(rows, ns)] for rows, ns in zip(nested, lengths)]  # noqa: E731
+    return SampleResult(cut(tokens), cut(values))
+
+
+@dataclass
+class Continuations:
+    """What `PromptSampler` made for a batch of prompts, per prompt: its token ids, and per sample the tokens,
+    their log-probabilities and the decoded text."""
+
+    prompt_ids: list[list[int]]
+    tokens: list[list[list[int]]]
+    log_probs: list[list[list[float]]]
+    texts: list[list[str]]
+
+
+class PromptSampler:
+    """Continues text prompts the way evaluation does, so that every command gives the same text for the same
+    prompt id, seed and settings: prompts cut from the left to `max_prompt_tokens` (and to the room the context
+    leaves), padded to one width for the whole run, each sample drawn with its own seed.
+
+    Args:
+        steered: the model, with its current steering.
+        num_samples: continuations per prompt.
+        max_new_tokens: tokens per continuation.
+        top_p: nucleus mass, in (0, 1].
+        temperature: >= 0; 0 is greedy.
+        seed: a continuation depends only on (seed, prompt id, sample index).
+        max_prompt_tokens: longest prompt kept, in tokens (None: the room the context leaves).
+    """
+
+    def __init__(self, steered, num_samples: int, max_new_tokens: int, top_p: float = 0.9, temperature: float = 1.0,
+                 seed: int = 0, max_prompt_tokens: int | None = None) -> None:
+        if steered.tokenizer is None:
+            raise ValueError("the SteeredCausalLM was built without a tokenizer; pass one to continue text prompts")
+        self.steered = steered
+        self.num_samples, self.max_new_tokens, self.top_p = num_samples, max_new_tokens, top_p
+        self.temperature, self.seed = temperature, seed
+        room = steered.architecture.context_length(steered.config) - max_new_tokens
+        if room < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
+                             f"of {room + max_new_tokens} tokens")
+        self.max_prompt_tokens = room if max_prompt_tokens is None else min(max_prompt_tokens, room)
+        self.end_tokens = end_token_ids(steered.generation_config, steered.tokenizer)
+        self.width: int | None = None
+        self.cut_prompts: set[str] = set()
+
+    def prompt_ids(self, prompt, warn: bool = True) -> list[int]:
+        """A prompt's token ids, cut from the left to `max_prompt_tokens` (with a warning, once per prompt)."""
+        ids = self.steered.tokenizer(prompt.text)["input_ids"]
+        if len(ids) > self.max_prompt_tokens:
+            if warn and prompt.id not in self.cut_prompts:
+                self.cut_prompts.add(prompt.id)
+                log.warning("prompt %s has %d tokens; cut from the left to %d (max_prompt_tokens)",
+                            prompt.id, len(ids), self.max_prompt_tokens)
+            ids = ids[-self.max_prompt_tokens :]
+        return ids
+
+    def fix_width(self, prompts) -> int:
+        """Pad every later batch to the longest of `prompts` (the whole run's), so a prompt's samples do not
+        depend on which prompts share its batch."""
+        self.width = max((len(self.prompt_ids(p, warn=False)) for p in prompts), default=None)
+        return self.width
+
+    def __call__(self, prompts) -> Continuations:
+        """`num_samples` continuations of each prompt, with the model's current steering."""
+        steered, tokenizer = self.steered, self.steered.tokenizer
+        prompt_ids = [self.prompt_ids(p) for p in prompts]
+        seeds = [[row_seed(self.seed, p.id, s) for s in range(self.num_samples)] for p in prompts]
+        width = None if self.width is None else max(self.width, *(len(ids) for ids in prompt_ids))
+        result = sample(steered, steered.architecture, prompt_ids, seeds, self.max_new_tokens,
+                        tokenizer.pad_token_id, self.end_tokens, top_p=self.top_p, temperature=self.temperature,
+                        width=width)
+        texts = [tokenizer.batch_decode(rows, skip_special_tokens=True) for rows in result.tokens]
+        return Continuations(prompt_ids, result.tokens, result.log_probs, texts)

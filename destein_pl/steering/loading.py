@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from destein_pl.architectures import architecture_for
+from destein_pl.files import cache_dir
+from destein_pl.steering.architectures import architecture_for
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_dir() -> Path:
-    """Where dequantized built-in models are cached: `$XDG_CACHE_HOME/destein-pl` (default `~/.cache`)."""
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "destein-pl"
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -159,4 +154,5 @@ def load_base_model(
     model.eval()
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source, **extra))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.destein_source = os.fspath(name_or_path)  # how checkpoints and reports name the model
     return model, tokenizer

@@ -1,0 +1,208 @@
+"""Calibration in plain Python: steering pairs in, detoxification vectors and head weights out.
+
+`Calibrator` is the two steps: `record` (one batch of pairs: each head's activations of both sides) and `finish`
+(vectors, probes and head weights from everything recorded, optionally gathered from several processes first).
+`calibrate()` runs them over a list of pairs in one process; the Lightning `fit` calls the same steps from its hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from destein_pl.calibration.pairs import NONTOXIC_CUE, TOXIC_CUE, PairsDataset, SteeringPair
+from destein_pl.calibration.probes import HeadProbes, fit_head_probes
+from destein_pl.calibration.vectors import HeadWeights, head_weights, steering_vectors
+from destein_pl.steering.checkpoint import FORMAT, architecture_signature, save_steering
+from destein_pl.steering.model import SteeredCausalLM
+
+SIDES = ("toxic", "nontoxic")
+
+
+@dataclass
+class CalibrationOptions:
+    """How pairs become steering.
+
+    Args:
+        alpha: steering strength stored with the result (paper: 0.4 for GPT2-large).
+        head_weights: `probe` (each head weighted by its probe's validation accuracy) or `uniform` (all 1).
+        top_k_heads: steer only the k heads with the best probes (paper Table 11); None for all.
+        last_k: activations are averaged over each text's last k tokens.
+        val_fraction: share of pairs held out to measure probe accuracy (paper: 4:1 split, 0.2).
+        probe_seed: seed of that split.
+    """
+
+    alpha: float = 0.4
+    head_weights: HeadWeights = "probe"
+    top_k_heads: int | None = None
+    last_k: int = 8
+    val_fraction: float = 0.2
+    probe_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.head_weights not in ("probe", "uniform"):
+            raise ValueError(f"head_weights must be 'probe' or 'uniform', got {self.head_weights!r}")
+        if self.last_k < 1:
+            raise ValueError(f"last_k must be at least 1, got {self.last_k}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be strictly between 0 and 1, got {self.val_fraction}")
+        if self.top_k_heads is not None and self.top_k_heads < 1:
+            raise ValueError(f"top_k_heads must be at least 1 (or None for all heads), got {self.top_k_heads}")
+        if not (self.alpha == self.alpha and abs(self.alpha) != float("inf")):
+            raise ValueError(f"alpha must be a finite number, got {self.alpha}")
+
+    def metadata(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("head_weights", "top_k_heads", "last_k", "val_fraction", "probe_seed")}
+
+
+@dataclass
+class Calibration:
+    """The result of calibrating on steering pairs."""
+
+    vectors: Tensor
+    """Detoxification vectors `[L, H, D]`: mean over pairs of (non-toxic - toxic) activations."""
+    head_weights: Tensor
+    """Per-head weights `[L, H]` (probe accuracy, or 1 for uniform weighting; 0 outside the top k heads)."""
+    probes: HeadProbes
+    options: CalibrationOptions
+    num_pairs: int
+    pairs: dict[str, Any] | None = None
+    """Where the pairs came from (file name and sha256, or hub id; m; seed; cues), for the checkpoint."""
+    base_model: dict[str, Any] = field(default_factory=dict)
+    """`{"name_or_path", "dtype"}` of the calibrated model, so a checkpoint can rebuild it."""
+
+    @property
+    def alpha(self) -> float:
+        return self.options.alpha
+
+    def apply(self, steered: SteeredCausalLM, alpha: float | None = None) -> SteeredCausalLM:
+        """Set this steering on a model (at `alpha`, default the calibrated one) and return the model."""
+        steered.set_steering(self.vectors, self.head_weights, self.alpha if alpha is None else alpha)
+        return steered
+
+    def metadata(self, steered: SteeredCausalLM) -> dict[str, Any]:
+        """What a checkpoint records beside the tensors."""
+        return {
+            "format": FORMAT,
+            "base_model": self.base_model,
+            "architecture": architecture_signature(steered),
+            "alpha": round(self.alpha, 6),
+            "options": self.options.metadata(),
+            "pairs": self.pairs,
+            "mean_probe_accuracy": round(self.probes.accuracy.mean().item(), 6),
+        }
+
+    def probe_arrays(self) -> dict[str, Tensor]:
+        return {"probe_accuracy": self.probes.accuracy, "probe_coef": self.probes.coef,
+                "probe_intercept": self.probes.intercept}
+
+    def save(self, path: str | Path, steered: SteeredCausalLM, heatmap: bool = True) -> Path:
+        """Write `<path>.safetensors` with `<path>.json`, and `<stem>-probes.png` (probe accuracy per head),
+        for a model steered with this calibration; load it with `SteeredCausalLM.from_checkpoint`."""
+        path = Path(path).with_suffix(".safetensors")
+        save_steering(path, steered, self.metadata(steered), self.probe_arrays())
+        if heatmap:
+            from destein_pl.plots import probe_heatmap
+
+            probe_heatmap(self.probes.accuracy, path.with_name(f"{path.stem}-probes.png"),
+                          title=f"{self.base_model.get('name_or_path')}: probe accuracy per head")
+        return path
+
+
+Gather = Callable[[Tensor], Tensor]
+"""Collects a tensor from every process, `[world_size, *shape]` (e.g. `LightningModule.all_gather`)."""
+
+
+class Calibrator:
+    """Records activations of pairs batch by batch, then turns them into a `Calibration`.
+
+    While recording, the model's steering is zero, so that activations are the base model's.
+    """
+
+    def __init__(self, steered: SteeredCausalLM, options: CalibrationOptions | None = None) -> None:
+        self.steered = steered
+        self.options = options or CalibrationOptions()
+        self._recorded: dict[str, list[Tensor]] = {side: [] for side in SIDES}
+        self._indices: list[Tensor] = []
+        steered.set_steering(torch.zeros(steered.num_layers, steered.num_heads, steered.head_dim),
+                             torch.zeros(steered.num_layers, steered.num_heads), alpha=0.0)
+
+    @torch.no_grad()
+    def record(self, toxic: Sequence[str], nontoxic: Sequence[str], index: Tensor | Sequence[int]) -> None:
+        """Record both sides of a batch of pairs; `index` numbers the pairs (repeats are counted once)."""
+        steered, tokenizer = self.steered, self.steered.tokenizer
+        if tokenizer is None:
+            raise ValueError("calibration needs the SteeredCausalLM's tokenizer; build it with one")
+        steered.eval()  # no dropout while recording activations
+        device = steered.device
+        for side, texts in zip(SIDES, (toxic, nontoxic)):
+            encoded = tokenizer(list(texts), return_tensors="pt", padding=True).to(device)
+            self._recorded[side].append(steered.record_activations(
+                encoded["input_ids"], encoded["attention_mask"], last_k=self.options.last_k))
+        self._indices.append(torch.as_tensor(index, device=device))
+
+    def _collected(self, gather: Gather | None) -> tuple[Tensor, Tensor]:
+        """Every recorded pair (from every process with `gather`), each pair once, ordered by index."""
+        if not self._indices:
+            raise ValueError("no pairs were recorded; calibration needs at least 2 pairs")
+        index = torch.cat(self._indices)
+        toxic, nontoxic = (torch.cat(self._recorded[side]) for side in SIDES)
+        if gather is not None:
+            index, toxic, nontoxic = (gather(t).flatten(0, 1) for t in (index, toxic, nontoxic))
+        order = torch.argsort(index, stable=True)
+        index, toxic, nontoxic = index[order], toxic[order], nontoxic[order]
+        first = torch.ones_like(index, dtype=torch.bool)
+        first[1:] = index[1:] != index[:-1]
+        return toxic[first].cpu(), nontoxic[first].cpu()
+
+    def finish(self, gather: Gather | None = None, pairs: dict[str, Any] | None = None,
+               base_model: dict[str, Any] | None = None) -> Calibration:
+        """Vectors, probes and head weights from what was recorded, set on the model at the calibrated alpha.
+
+        With `gather`, every process passes its share and gets the same result. `pairs` and `base_model` are
+        provenance for the checkpoint (default base model: the model's own name, stored dtype).
+        """
+        toxic, nontoxic = self._collected(gather)
+        opts = self.options
+        self._recorded, self._indices = {side: [] for side in SIDES}, []
+        probes = fit_head_probes(toxic, nontoxic, opts.val_fraction, opts.probe_seed)
+        calibration = Calibration(
+            vectors=steering_vectors(toxic, nontoxic),
+            head_weights=head_weights(probes.accuracy, opts.head_weights, opts.top_k_heads),
+            probes=probes, options=opts, num_pairs=len(toxic), pairs=pairs,
+            base_model=base_model or {"name_or_path": self.steered.base_model, "dtype": None},
+        )
+        calibration.apply(self.steered)
+        return calibration
+
+
+def calibrate(
+    steered: SteeredCausalLM,
+    pairs: Sequence[SteeringPair],
+    options: CalibrationOptions | None = None,
+    batch_size: int = 8,
+    cues: tuple[str, str] | None = (TOXIC_CUE, NONTOXIC_CUE),
+    provenance: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Calibration:
+    """Calibrate `steered` on steering pairs in this process, set the result on it, and return it.
+
+    `cues` are prefixed to the (toxic, non-toxic) sides (the paper's; None for none); `batch_size` pairs run per
+    forward pass. Gives the same steering as `destein fit` on the same pairs and batch size.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    toxic_cue, nontoxic_cue = cues or ("", "")
+    dataset = PairsDataset(list(pairs), toxic_cue, nontoxic_cue)
+    calibrator = Calibrator(steered, options)
+    starts = range(0, len(dataset), batch_size)
+    for start in tqdm(starts, desc="calibrating", unit="batch", disable=not progress):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        calibrator.record([i["toxic"] for i in items], [i["nontoxic"] for i in items], [i["index"] for i in items])
+    return calibrator.finish(pairs=provenance)

@@ -1,0 +1,148 @@
+"""`DeSteinModule`: the Lightning adapter. `fit` feeds steering pairs to a `Calibrator`, `test` feeds prompts to an
+`Evaluator`; both do their work in plain Python (`destein_pl.calibration`, `destein_pl.evaluation`)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from destein_pl.calibration.calibrate import Calibration, CalibrationOptions, Calibrator
+from destein_pl.calibration.vectors import HeadWeights
+from destein_pl.evaluation.config import EvaluationConfig
+from destein_pl.evaluation.evaluator import Evaluator
+from destein_pl.evaluation.metrics import METRIC_NAMES
+from destein_pl.evaluation.runs import SUBSETS
+from destein_pl.steering.checkpoint import METADATA_KEY, STEER_KEY_MARK, apply_checkpoint_state
+from destein_pl.steering.loading import load_base_model
+from destein_pl.steering.model import SteeredCausalLM
+
+log = logging.getLogger(__name__)
+
+# Calibration runs a frozen model in eval mode with no optimizer, on purpose: Lightning's warnings about that
+# would only confuse.
+for _pattern in (r".*module\(s\) in eval mode.*", r".*configure_optimizers. returned .None.*"):
+    warnings.filterwarnings("ignore", _pattern)
+
+
+class DeSteinModule(L.LightningModule):
+    """DeStein as a LightningModule. `fit` over steering pairs calibrates (no gradients): it records each head's
+    activations for both sides of every pair, then sets v = mean(non-toxic - toxic) and weights each head by a
+    logistic-regression probe's validation accuracy. `test` over prompts evaluates the base and the steered
+    model (expected maximum toxicity, toxicity probability, perplexity, Dist-n) and writes the results.
+
+    Args:
+        base_model: built-in name (`smollm2-135m`), `.gguf` file, model folder or hub id.
+        dtype: `float32`, `bfloat16`, `float16`, or None for the stored dtype.
+        alpha: steering strength (paper: 0.4 for GPT2-large).
+        head_weights: `probe` (each head weighted by its probe accuracy) or `uniform` (all 1; paper ablation).
+        top_k_heads: steer only the k heads with the highest probe accuracy (paper Table 11); None for all.
+        last_k: activations are averaged over each text's last k tokens.
+        val_fraction: share of pairs held out to measure probe accuracy (paper: 4:1 split, 0.2).
+        probe_seed: seed of that split.
+        evaluation: how `test` generates and scores (RealToxicityPrompts protocol; see `EvaluationConfig`).
+    """
+
+    def __init__(
+        self,
+        base_model: str = "smollm2-135m",
+        dtype: str | None = None,
+        alpha: float = 0.4,
+        head_weights: HeadWeights = "probe",
+        top_k_heads: int | None = None,
+        last_k: int = 8,
+        val_fraction: float = 0.2,
+        probe_seed: int = 0,
+        evaluation: EvaluationConfig = EvaluationConfig(),  # noqa: B008 (a dataclass, never mutated)
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["evaluation"])  # evaluation settings do not belong in a checkpoint
+        self.options = CalibrationOptions(alpha, head_weights, top_k_heads, last_k, val_fraction, probe_seed)
+        self.evaluation = evaluation
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold the steering buffers, not the frozen base weights
+        # DDP refuses to wrap a module without a trainable parameter; this one is never used and never saved.
+        self.ddp_anchor = nn.Parameter(torch.zeros(()))
+        self.steered: SteeredCausalLM | None = None
+        self.calibrator: Calibrator | None = None
+        self.calibration: Calibration | None = None
+        self.evaluator: Evaluator | None = None
+        self.checkpoint_source = "checkpoint"
+        """How errors name the checkpoint that `test` loads (the CLI sets its path)."""
+
+    def configure_model(self) -> None:
+        if self.steered is None:
+            model, tokenizer = load_base_model(self.hparams.base_model, dtype=self.hparams.dtype)
+            self.steered = SteeredCausalLM(model, tokenizer, base_model=self.hparams.base_model)
+
+    def configure_optimizers(self) -> None:
+        return None
+
+    # ---- calibration -------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.trainer.max_epochs != 1:
+            raise ValueError(f"calibration is one pass over the pairs: set trainer.max_epochs=1 "
+                             f"(got {self.trainer.max_epochs})")
+        self.calibrator = Calibrator(self.steered, self.options)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.calibrator.record(batch["toxic"], batch["nontoxic"], batch["index"])
+
+    def on_train_epoch_end(self) -> None:
+        # Runs before the checkpoint is written, on every process, so every rank ends with the same steering.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        pairs = datamodule.pairs_provenance() if hasattr(datamodule, "pairs_provenance") else None
+        gather = self.all_gather if self.trainer.world_size > 1 else None
+        self.calibration = calibration = self.calibrator.finish(
+            gather, pairs=pairs, base_model={"name_or_path": self.hparams.base_model, "dtype": self.hparams.dtype})
+        # Every process holds the same numbers: log them once.
+        accuracy = calibration.probes.accuracy.mean().item()
+        self.log("calibration/pairs", float(calibration.num_pairs), rank_zero_only=True)
+        self.log("calibration/mean_probe_accuracy", accuracy, rank_zero_only=True)
+        for layer, norm in enumerate(calibration.vectors.norm(dim=-1).mean(dim=-1).tolist()):
+            self.log(f"calibration/vector_norm/layer_{layer:02d}", norm, rank_zero_only=True)
+        log.info("calibrated on %d pairs: mean probe accuracy %.3f", calibration.num_pairs, accuracy)
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if STEER_KEY_MARK in k}
+        if self.calibration is not None:
+            checkpoint["state_dict"].update({f"probes.{k}": v for k, v in self.calibration.probe_arrays().items()})
+            checkpoint[METADATA_KEY] = self.calibration.metadata(self.steered)
+        # The data module's arguments hold a local file path; the pairs' provenance is in the metadata instead.
+        for key in ("datamodule_hyper_parameters", "datamodule_hparams_name"):
+            checkpoint.pop(key, None)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()
+        # Check the checkpoint fits this model before Lightning loads its buffers (non-strictly).
+        apply_checkpoint_state(self.steered, checkpoint["state_dict"], checkpoint.get(METADATA_KEY),
+                               self.checkpoint_source)
+
+    def export_steering(self, ckpt_path: Path) -> None:
+        """Write `<stem>.safetensors`, `<stem>.json` and `<stem>-probes.png` beside a Lightning checkpoint."""
+        self.calibration.save(ckpt_path.with_suffix(".safetensors"), self.steered)
+
+    # ---- evaluation --------------------------------------------------------------------------------------
+    def on_test_start(self) -> None:
+        self.evaluator = Evaluator(self.steered, self.evaluation, rank=self.global_rank,
+                                   world_size=self.trainer.world_size, barrier=self.trainer.strategy.barrier)
+        loaders = self.trainer.test_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        self.evaluator.start(loader.dataset.prompts)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.evaluator.add(batch["prompts"], batch["index"])
+
+    def on_test_epoch_end(self) -> None:
+        output = self.evaluator.finish()
+        for run in output["runs"]:
+            for subset in SUBSETS:
+                for name in METRIC_NAMES:
+                    self.log(f"alpha_{run['alpha']:g}/{subset}/{name}", run["metrics"][subset][name],
+                             rank_zero_only=True)
