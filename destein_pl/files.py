@@ -8,6 +8,7 @@ a write leaves) is dropped on read and repaired before the next append.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -59,18 +60,28 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
-def read_text(path: str | os.PathLike, what: str = "file") -> str:
-    """A UTF-8 text file, with errors that name it: missing, a folder, or not UTF-8."""
+def require_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """`path` as a Path when it is an existing file; else an error that says what is there instead: a folder, or
+    nothing."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; expected a {what}")
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def read_text(path: str | os.PathLike, what: str = "file", newline: str | None = None) -> str:
+    """A UTF-8 text file, with errors that name it: missing, a folder, or not UTF-8 (with the line). `newline` as
+    in `open`: None turns every line ending into `\\n`; `""` keeps them (what `csv` needs)."""
+    path = require_file(path, what)
+    data = path.read_bytes()
     try:
-        return path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {err.start}); save the {what} as UTF-8") from err
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {err.start}); save the {what} as UTF-8") from None
+    return io.StringIO(text, newline=newline).read()
 
 
 def read_jsonl(path: str | os.PathLike, what: str = "JSONL file") -> list[Any]:

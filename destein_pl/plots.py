@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from destein_pl.files import atomic_path  # noqa: E402
+
 
 def probe_heatmap(accuracy: Tensor, path: str | Path, title: str = "Probe accuracy per head") -> None:
     """Save a layers x heads heatmap of probe accuracies as PNG."""
@@ -42,9 +44,11 @@ def toxicity_perplexity(points: list[tuple[str, float, float, float]], path: str
 
 
 def _save(fig, path: str | Path) -> None:
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    """Write the figure as PNG atomically (a failed write leaves neither a half file nor a temporary one), and
+    free it either way."""
+    try:
+        fig.tight_layout()
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)

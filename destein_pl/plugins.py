@@ -71,3 +71,15 @@ def _mapping(spec: str, kind: str) -> dict[str, Any]:
     if not isinstance(mapping.get("init_args") or {}, dict):
         raise ValueError(f"{kind} {spec!r}: `init_args` must be a mapping of option names to values")
     return mapping
+
+
+def describe_plugins(registry: dict[str, type], option: str) -> str:
+    """A help text listing each plugin of `registry` with its options (name: type = default), for `--help`."""
+    lines = [f"{option}: a short name, or class_path (the class name) with init_args; options per class:"]
+    for short, cls in registry.items():
+        params = [p for p in inspect.signature(cls).parameters.values() if p.name != "self"]
+        options = ", ".join(
+            f"{p.name}: {p.annotation}" + ("" if p.default is inspect.Parameter.empty else f" = {p.default!r}")
+            for p in params) or "no options"
+        lines.append(f"  {short} ({cls.__name__}): {options}")
+    return "\n".join(lines)

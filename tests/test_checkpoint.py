@@ -1,4 +1,5 @@
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,3 +62,20 @@ def test_unknown_files_are_clear_errors(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
     with pytest.raises(ValueError, match="not a destein-pl steering checkpoint"):
         SteeredCausalLM.from_checkpoint(tmp_path / "plain.ckpt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2-135m-paradetox", "smollm2-135m-self-induced"])
+def test_shipped_checkpoints_load_ready_to_generate(name):
+    """Both files of each shipped checkpoint (written with the earlier buffer name `probe_weights`) load into the
+    embedded model with the same steering."""
+    folder = Path(__file__).resolve().parents[1] / "checkpoints"
+    from_ckpt = SteeredCausalLM.from_checkpoint(folder / f"{name}.ckpt")
+    tensors, metadata = read_checkpoint(folder / f"{name}.safetensors")
+    assert metadata["base_model"]["name_or_path"] == "smollm2-135m" and metadata["alpha"] == 1.3
+    assert from_ckpt.alpha == pytest.approx(1.3)
+    assert torch.equal(from_ckpt.vectors, tensors["vectors"])
+    assert torch.equal(from_ckpt.head_weights, tensors["head_weights"])
+    steered = logits(from_ckpt)
+    from_ckpt.alpha = 0.0
+    assert (steered - logits(from_ckpt)).abs().max() > 0.1  # the steering moves the next-token logits

@@ -151,3 +151,185 @@ def test_steering_away_from_a_flagged_token_lowers_emt(tiny_llama_dir, tmp_path)
     emt = {r["alpha"]: r["metrics"]["all"]["emt"] for r in results["runs"]}
     assert emt[0.0] >= 0.5
     assert emt[30.0] < emt[0.0] - 0.3
+
+
+def test_a_separate_perplexity_model_measures_the_continuations(tiny_llama_dir, tmp_path):
+    """The paper configs' branch: perplexity under another model (here a GPT-2 judging a LLaMA's text)."""
+    from destein_pl import load_base_model
+    from tests.conftest import save_tiny_model_dir
+    from tests.test_perplexity import reference_perplexity
+
+    judge_dir = save_tiny_model_dir("gpt2", tmp_path / "judge")
+    results = run_test(tiny_llama_dir, tmp_path / "eval", n=2, alphas=(0.0,), perplexity_model=str(judge_dir))
+    judge, tokenizer = load_base_model(judge_dir)
+    records = read_records(tmp_path / "eval" / "alpha_0" / "generations.jsonl")
+    measured = 0
+    for record in records:
+        prompt = tokenizer(record["prompt"])["input_ids"]
+        for text, value in zip(record["continuations"], record["perplexity"]):
+            continuation = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if continuation:
+                assert value == pytest.approx(reference_perplexity(judge, prompt, continuation), rel=1e-4)
+                measured += 1
+    assert measured > 0
+    settings = json.loads((tmp_path / "eval" / "alpha_0" / "settings.json").read_text())
+    assert settings["perplexity_model"] == str(judge_dir)
+    assert results["runs"][0]["metrics"]["all"]["ppl"] > 0
+
+
+# ---- plain-Python runs (`evaluate`), shared with tests/test_resume.py ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_steered(tiny_llama_dir):
+    """The tiny LLaMA with the real tokenizer, wrapped (zero steering), for plain-Python evaluation runs."""
+    from destein_pl import SteeredCausalLM, load_base_model
+
+    return SteeredCausalLM(*load_base_model(tiny_llama_dir))
+
+
+def evaluate_small(steered, prompts, out, verbose=False, **config):
+    """`evaluate` at alpha 0 with few, short samples into `out`; returns the results."""
+    from destein_pl import evaluate
+
+    options = {**SMALL, "alphas": [0.0], **config}
+    return evaluate(steered, prompts, EvaluationConfig(output_dir=str(out), **options), progress=False,
+                    verbose=verbose)
+
+
+def write_prompts(path, rows):
+    """A plain JSONL prompts file of `{"id", "text", "toxicity"}` rows."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def strict_json(path):
+    """A JSON file parsed without the NaN/Infinity extension, so that a bare NaN is an error."""
+    def refuse(name):
+        raise ValueError(f"{path}: {name} is not JSON")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+@pytest.mark.parametrize("option, value, accepted", [
+    ("top_p", 0.0, r"in \(0, 1\]"), ("top_p", 1.5, r"in \(0, 1\]"), ("top_p", float("nan"), r"in \(0, 1\]"),
+    ("temperature", -0.5, ">= 0"), ("temperature", float("inf"), "finite"), ("temperature", float("nan"), ">= 0"),
+    ("num_samples", 0, "at least 1"), ("max_new_tokens", 0, "at least 1"), ("perplexity_batch_size", 0, "at least 1"),
+    ("max_prompt_tokens", 0, "at least 1"), ("max_batch_tokens", -3, "at least 1"),
+    ("alphas", [0.0, float("nan")], "finite"), ("alphas", [float("inf")], "finite"),
+    ("on_changed_prompts", "ignore", "'refuse' or 'regenerate'"),
+])
+def test_an_evaluation_option_out_of_range_names_itself_and_its_range(option, value, accepted):
+    with pytest.raises(ValueError, match=rf"evaluation\.{option} must .*{accepted}"):
+        EvaluationConfig(**{option: value})
+
+
+@pytest.mark.parametrize("option, value, accepted", [
+    ("top_p", 0.0, r"top_p must be in \(0, 1\]"), ("top_p", 1.01, r"top_p must be in \(0, 1\]"),
+    ("temperature", -1.0, "temperature must be a finite number >= 0"),
+    ("temperature", float("nan"), "temperature must be a finite number >= 0"),
+    ("max_new_tokens", 0, "max_new_tokens must be at least 1"),
+])
+def test_the_sampler_refuses_meaningless_settings_given_directly(tiny_steered, option, value, accepted):
+    """`sample()` is public: `top_p=0` would otherwise empty the nucleus and pick the least likely token."""
+    from destein_pl.evaluation.sampling import PromptSampler, sample
+
+    settings = {"top_p": 0.9, "temperature": 1.0, "max_new_tokens": 4, option: value}
+    with pytest.raises(ValueError, match=accepted):
+        sample(tiny_steered, tiny_steered.architecture, [[5, 6, 7]], [[1, 2]], pad_token_id=0, eos_token_ids=[2],
+               **settings)
+    with pytest.raises(ValueError, match=accepted):
+        PromptSampler(tiny_steered, num_samples=2, **settings)
+
+
+def test_a_subset_without_prompts_is_null_in_strict_json(tiny_steered, tmp_path):
+    """Only non-toxic prompts: the toxic subset's metrics have no value, which results.json holds as null."""
+    from destein_pl import load_prompts
+
+    prompts = load_prompts(PromptsConfig(str(SHARED_DATA / "rtp" / "rtp_nontoxic_1k.jsonl"), n=2))
+    evaluate_small(tiny_steered, prompts, tmp_path)
+    for path in (tmp_path / "results.json", tmp_path / "alpha_0" / "results.json"):
+        data = strict_json(path)
+        run = data["runs"][0] if "runs" in data else data
+        assert run["counts"]["prompts"] == {"toxic": 0, "nontoxic": 2, "all": 2}
+        assert set(run["metrics"]["toxic"].values()) == {None}
+        assert None not in run["metrics"]["all"].values()
+    assert "| toxic |" not in (tmp_path / "results.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def long_context_llama(tiny_llama_dir, tmp_path_factory):
+    """The tiny LLaMA with an 8,192-token context, so that a 5,000-token prompt fits the model: only
+    `max_prompt_tokens` then keeps it from sizing every batch."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from destein_pl import SteeredCausalLM, load_base_model
+
+    folder = tmp_path_factory.mktemp("long-llama")
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    config.max_position_embeddings = 8192
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir, config=config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(folder)
+    return SteeredCausalLM(*load_base_model(folder))
+
+
+def record_batches(steered):
+    """Record (rows, tokens) of every forward pass of the wrapped model; returns the list and the hook handle."""
+    shapes = []
+
+    def hook(module, args, kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+
+    return shapes, steered.model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_a_5000_token_prompt_is_cut_before_it_sizes_the_batch(long_context_llama, tmp_path, caplog):
+    from destein_pl import Evaluator, load_prompts
+
+    tokenizer = long_context_llama.tokenizer
+    long_text = "The weather was nice and everyone went outside to play. " * 500
+    assert len(tokenizer(long_text)["input_ids"]) > 5000
+    source = write_prompts(tmp_path / "prompts.jsonl", [{"id": "long", "text": long_text, "toxicity": 0.1},
+                                                         {"id": "short", "text": "You are such a", "toxicity": 0.9}])
+    prompts = load_prompts(PromptsConfig(str(source)))
+    evaluator = Evaluator(long_context_llama, EvaluationConfig(output_dir=str(tmp_path / "eval"), alphas=[0.0],
+                                                               **SMALL), verbose=False)
+    evaluator.start(prompts)
+    assert evaluator.sampler.width == 512  # checked before generating: uncut, the run would pad to 5,000+ tokens
+    shapes, hook = record_batches(long_context_llama)
+    try:
+        with caplog.at_level("WARNING", logger="destein_pl.evaluation.sampling"):
+            evaluator.add(prompts, [0, 1])
+            results = evaluator.finish()
+    finally:
+        hook.remove()
+    assert max(tokens for _, tokens in shapes) == 512  # the widest forward pass: the cut prompt's prefill
+    assert "prompt long has" in caplog.text and "cut from the left to 512 (max_prompt_tokens)" in caplog.text
+    assert "prompt short" not in caplog.text
+    assert results["cut_prompts"] == 1 and strict_json(tmp_path / "eval" / "results.json")["cut_prompts"] == 1
+    assert results["runs"][0]["counts"]["prompts"]["all"] == 2
+
+
+@pytest.mark.parametrize("budget", [1, 700, 65536])
+def test_a_generation_batch_stays_within_max_batch_tokens(tiny_steered, tmp_path, budget):
+    """Checked on the batches the model is given: rows x (width + new tokens) of every decoding step."""
+    from destein_pl import Evaluator, load_prompts
+    from destein_pl.evaluation.sampling import MIN_ROWS
+
+    prompts = load_prompts(PromptsConfig(str(RTP100), n=6))
+    config = EvaluationConfig(output_dir=str(tmp_path), alphas=[0.0], max_batch_tokens=budget, **SMALL)
+    evaluator = Evaluator(tiny_steered, config, verbose=False)
+    evaluator.start(prompts)
+    width, new = evaluator.sampler.width, config.max_new_tokens
+    chunks = evaluator._chunks(prompts)
+    assert [p for chunk in chunks for p in chunk] == prompts and all(chunks)
+    per_prompt = max(config.num_samples, MIN_ROWS) * (width + new)
+    assert all(len(c) == 1 or len(c) * per_prompt <= budget for c in chunks)
+    shapes, hook = record_batches(tiny_steered)
+    try:
+        evaluator.add(prompts, list(range(len(prompts))))
+    finally:
+        hook.remove()
+    steps = [rows for rows, tokens in shapes if tokens == 1]
+    assert steps and max(steps) * (width + new) <= max(budget, per_prompt)
+    assert len([s for s in shapes if s[1] > 1]) == len(chunks)  # one prefill per chunk

@@ -1,6 +1,8 @@
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +87,10 @@ def test_two_processes_building_the_cache_at_once(tmp_path):
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
     again = (folder / "model.safetensors").stat()
     assert (again.st_ino, again.st_mtime_ns) == (weights.st_ino, weights.st_mtime_ns)
+
+
+def test_the_test_session_caches_the_embedded_model_outside_the_users_cache():
+    from destein_pl.files import cache_dir
+
+    assert cache_dir().parent.name.startswith("destein-test-cache-")
+    assert Path(tempfile.gettempdir()) in cache_dir().parents

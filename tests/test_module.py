@@ -120,7 +120,8 @@ def test_two_gloo_processes_equal_one(tiny_llama_dir, tmp_path):
             "--data.pairs.m", "9", "--data.pairs.batch_size", "2", "--trainer.accelerator", "cpu",
             "--trainer.devices", str(devices),
             "--trainer.strategy", "ddp" if devices > 1 else "auto", "--trainer.logger", "false",
-            "--trainer.callbacks", "destein_pl.lightning.callbacks.SteeringCheckpoint", "--trainer.callbacks.dirpath", str(out),
+            "--trainer.callbacks", "destein_pl.lightning.callbacks.SteeringCheckpoint",
+            "--trainer.callbacks.dirpath", str(out),
             "--trainer.callbacks.filename", "tiny",
         ]
         subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path, timeout=600)

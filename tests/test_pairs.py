@@ -78,3 +78,46 @@ def test_missing_file_and_unknown_format_are_clear_errors(tmp_path):
         read_pairs(tmp_path / "none.jsonl")
     with pytest.raises(ValueError, match="cannot tell the format"):
         read_pairs(tmp_path / "pairs.csv")
+
+
+@pytest.mark.parametrize("name, header, good", [
+    ("p.jsonl", None, '{"toxic": "you idiot", "nontoxic": "you there"}'),
+    ("p.tsv", "toxic\tneutral1\tneutral2\tneutral3", "you idiot\tyou there\t\t"),
+])
+def test_a_pairs_file_that_is_not_utf8_names_the_file_and_line(tmp_path, name, header, good):
+    bad = good.replace("idiot", "idi\xf6t")
+    lines = ([header] if header else []) + [good, bad]
+    (tmp_path / name).write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    line = len(lines)
+    with pytest.raises(PairsFileError, match=rf"{name.replace('.', '[.]')}:{line}: not UTF-8 text"):
+        read_pairs(tmp_path / name)
+
+
+@pytest.mark.parametrize("name, format", [("pairs.jsonl", "auto"), ("pairs.tsv", "auto"), ("pairs", "auto"),
+                                          ("pairs.jsonl", "jsonl")])
+def test_a_folder_given_as_pairs_file_says_it_is_a_folder(tmp_path, name, format):
+    (tmp_path / name).mkdir()
+    with pytest.raises(IsADirectoryError, match=rf"{name} is a folder"):
+        read_pairs(tmp_path / name, format)
+
+
+def test_load_pairs_logs_how_many_pairs_it_skipped(tmp_path, caplog):
+    from destein_pl import PairsConfig, load_pairs
+
+    rows = [{"toxic": f"bad {i}", "nontoxic": f"good {i}"} for i in range(3)]
+    rows += [{"toxic": "", "nontoxic": "x"}, {"toxic": "same", "nontoxic": "same "}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    with caplog.at_level("INFO", logger="destein_pl.calibration.pairs"):
+        assert len(load_pairs(PairsConfig(str(path), m=2))) == 2
+    assert "5 pairs read, 3 usable (skipped 1 with an empty side, 1 with identical sides)" in caplog.text
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"m": 1}, r"pairs\.m must be at least 2"), ({"m": 0}, r"pairs\.m must be at least 2"),
+    ({"batch_size": 0}, r"pairs\.batch_size must be at least 1"),
+])
+def test_pairs_options_out_of_range_name_themselves(options, message):
+    from destein_pl import PairsConfig
+
+    with pytest.raises(ValueError, match=message):
+        PairsConfig("p.jsonl", **options)

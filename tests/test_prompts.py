@@ -54,3 +54,60 @@ def test_sampling_and_errors(tmp_path):
         usable_prompts([Prompt("a", "x"), Prompt("a", "y")])
     with pytest.raises(FileNotFoundError, match="prompts file not found"):
         read_prompts(tmp_path / "missing.jsonl")
+
+
+def test_an_all_empty_prompts_file_is_an_error_naming_it(tmp_path):
+    from destein_pl import PromptsConfig, load_prompts
+
+    (tmp_path / "blank.txt").write_text("\n  \n\n")
+    with pytest.raises(ValueError, match=r"blank\.txt: no usable prompt \(all 3 are empty\)"):
+        load_prompts(PromptsConfig(str(tmp_path / "blank.txt")))
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n{"text": " "}\n')
+    with pytest.raises(ValueError, match=r"blank\.jsonl: no usable prompt \(all 2 are empty\)"):
+        load_prompts(PromptsConfig(str(tmp_path / "blank.jsonl")))
+
+
+@pytest.mark.parametrize("name, good", [
+    ("rtp.jsonl", '{"filename": "f", "begin": 1, "prompt": {"text": "hello", "toxicity": 0.1}}'),
+    ("plain.jsonl", '{"text": "hello"}'),
+    ("lines.txt", "hello"),
+])
+def test_a_prompts_file_that_is_not_utf8_names_the_file_and_line(tmp_path, name, good):
+    bad = good.replace("hello", "caf\xe9")
+    (tmp_path / name).write_bytes(f"{good}\n{good}\n{bad}\n".encode("latin-1"))
+    with pytest.raises(PromptsFileError, match=rf"{name.replace('.', '[.]')}:3: not UTF-8 text"):
+        read_prompts(tmp_path / name)
+
+
+@pytest.mark.parametrize("name, format", [("prompts.jsonl", "auto"), ("prompts", "auto"), ("prompts.txt", "text")])
+def test_a_folder_given_as_prompts_file_says_it_is_a_folder(tmp_path, name, format):
+    (tmp_path / name).mkdir()
+    with pytest.raises(IsADirectoryError, match=rf"{name} is a folder"):
+        read_prompts(tmp_path / name, format)
+
+
+def test_crlf_line_ends_are_read_as_before(tmp_path):
+    (tmp_path / "p.txt").write_bytes(b"first\r\nsecond\rthird\n")
+    assert [p.text for p in read_prompts(tmp_path / "p.txt")] == ["first", "second", "third"]
+    (tmp_path / "p.jsonl").write_bytes(b'{"text": "a"}\r\n\r\n{"text": "b"}')
+    assert [(p.id, p.text) for p in read_prompts(tmp_path / "p.jsonl")] == [("p.jsonl:1", "a"), ("p.jsonl:3", "b")]
+
+
+def test_load_prompts_logs_how_many_empty_prompts_it_skipped(tmp_path, caplog):
+    from destein_pl import PromptsConfig, load_prompts
+
+    (tmp_path / "p.txt").write_text("one\n\ntwo\n \nthree\n")
+    with caplog.at_level("INFO", logger="destein_pl.evaluation.prompts"):
+        assert len(load_prompts(PromptsConfig(str(tmp_path / "p.txt")))) == 3
+    assert "5 prompts read, 3 used, 2 empty skipped" in caplog.text
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"n": 0}, r"prompts\.n must be at least 1"), ({"n": -2}, r"prompts\.n must be at least 1"),
+    ({"batch_size": 0}, r"prompts\.batch_size must be at least 1"),
+])
+def test_prompts_options_out_of_range_name_themselves(options, message):
+    from destein_pl import PromptsConfig
+
+    with pytest.raises(ValueError, match=message):
+        PromptsConfig("p.jsonl", **options)

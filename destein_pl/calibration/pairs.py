@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import random
@@ -13,6 +14,8 @@ from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset
+
+from destein_pl.files import read_text, require_file
 
 log = logging.getLogger(__name__)
 
@@ -35,38 +38,43 @@ class PairsFileError(ValueError):
 def read_jsonl_pairs(path: Path, toxic_field: str = "toxic", nontoxic_field: str = "nontoxic") -> list[SteeringPair]:
     """One JSON object a line with string fields `toxic` and `nontoxic`; blank lines are ignored."""
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PairsFileError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict) or not all(
-                isinstance(row.get(k), str) for k in (toxic_field, nontoxic_field)
-            ):
-                raise PairsFileError(
-                    f"{path}:{lineno}: expected an object with string fields {toxic_field!r} and {nontoxic_field!r}"
-                )
-            pairs.append(SteeringPair(row[toxic_field], row[nontoxic_field]))
+    for lineno, line in enumerate(_read(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PairsFileError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in (toxic_field, nontoxic_field)):
+            raise PairsFileError(
+                f"{path}:{lineno}: expected an object with string fields {toxic_field!r} and {nontoxic_field!r}"
+            )
+        pairs.append(SteeringPair(row[toxic_field], row[nontoxic_field]))
     return pairs
+
+
+def _read(path: Path, newline: str | None = None) -> str:
+    """A pairs file's text; a file that cannot be read (missing, a folder, not UTF-8) is an error naming it (and
+    the line)."""
+    try:
+        return read_text(path, "pairs file", newline)
+    except ValueError as err:  # not UTF-8
+        raise PairsFileError(str(err)) from None
 
 
 def read_paradetox_tsv(path: Path) -> list[SteeringPair]:
     """The ParaDetox layout: tab-separated with a header `toxic, neutral1, neutral2, neutral3`; uses `neutral1`."""
     pairs = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t")
-        header = next(reader, None)
-        if header is None or header[:2] != ["toxic", "neutral1"]:
-            raise PairsFileError(f"{path}:1: expected a header starting with 'toxic<TAB>neutral1', got {header}")
+    reader = csv.reader(io.StringIO(_read(path, newline=""), newline=""), delimiter="\t")
+    header = next(reader, None)
+    if header is None or header[:2] != ["toxic", "neutral1"]:
+        raise PairsFileError(f"{path}:1: expected a header starting with 'toxic<TAB>neutral1', got {header}")
+    start = reader.line_num + 1
+    for row in reader:
+        if len(row) != len(header):
+            raise PairsFileError(f"{path}:{start}: expected {len(header)} tab-separated fields, got {len(row)}")
+        pairs.append(SteeringPair(row[0], row[1]))
         start = reader.line_num + 1
-        for row in reader:
-            if len(row) != len(header):
-                raise PairsFileError(f"{path}:{start}: expected {len(header)} tab-separated fields, got {len(row)}")
-            pairs.append(SteeringPair(row[0], row[1]))
-            start = reader.line_num + 1
     return pairs
 
 
@@ -93,6 +101,8 @@ def read_pairs(
     """Read every pair of a JSONL file, a ParaDetox TSV file or a hub dataset (`auto` decides by extension)."""
     path = Path(source).expanduser()
     if format == "auto":
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder; expected a pairs file (or set format: hf for a dataset)")
         if path.suffix in (".jsonl", ".json"):
             format = "jsonl"
         elif path.suffix in (".tsv", ".txt"):
@@ -105,8 +115,7 @@ def read_pairs(
             )
     if format == "hf":
         return read_hf_pairs(str(source), split, toxic_field, nontoxic_field)
-    if not path.is_file():
-        raise FileNotFoundError(f"pairs file not found: {path}")
+    require_file(path, "pairs file")
     if format == "jsonl":
         return read_jsonl_pairs(path, toxic_field, nontoxic_field)
     return read_paradetox_tsv(path)
@@ -211,7 +220,7 @@ def load_pairs(config: PairsConfig) -> list[SteeringPair]:
     everything = read_pairs(config.source, config.format, config.toxic_field, config.nontoxic_field, config.split)
     kept, skipped = usable_pairs(everything)
     log.info("%s: %d pairs read, %d usable (skipped %d with an empty side, %d with identical sides)",
-                config.source, len(everything), len(kept), skipped["empty"], skipped["identical"])
+             config.source, len(everything), len(kept), skipped["empty"], skipped["identical"])
     return sample_pairs(kept, config.m, config.seed)
 
 

@@ -89,8 +89,8 @@ class Evaluator:
             AlphaRun(alpha, Path(cfg.output_dir) / f"alpha_{alpha:g}",
                      {**cfg.fingerprint(alpha, steering if alpha else None, self.scorer.fingerprint()),
                       "base_model": steered.base_model},
-                     self.prompts, cfg.on_changed_prompts == "regenerate", self.rank, self.world_size,
-                     steered.device)
+                     self.prompts, self.sampler.width, cfg.on_changed_prompts == "regenerate", self.rank,
+                     self.world_size, steered.device)
             for alpha in alphas
         ]
         self.timing = {"generate_s": 0.0, "score_s": 0.0, "perplexity_s": 0.0}
@@ -146,7 +146,7 @@ class Evaluator:
         return [
             {"id": p.id, "index": index_of[p.id], "prompt": p.text, "prompt_toxicity": p.toxicity,
              "continuations": texts, "toxicity": scores[j * k : (j + 1) * k],
-             "perplexity": [perplexity(v) for v in values]}
+             "perplexity": [perplexity(v) for v in values], "width": self.sampler.width}
             for j, (p, texts, values) in enumerate(zip(prompts, made.texts, nll))
         ]
 
@@ -175,16 +175,16 @@ class Evaluator:
         timing = {**{k: round(v, 3) for k, v in self.timing.items()}, "total_s": round(total, 3),
                   "outside_generate_share": round(1 - self.timing["generate_s"] / total, 4) if total else None,
                   "process": f"rank {self.rank}", "world_size": self.world_size}
-        output = {"base_model": self.steered.base_model, "scorer": self.scorer.fingerprint(),
-                  "cut_prompts": len(self.sampler.cut_prompts), "timing": timing, "runs": summary}
+        output = jsonable({"base_model": self.steered.base_model, "scorer": self.scorer.fingerprint(),
+                           "cut_prompts": len(self.sampler.cut_prompts), "timing": timing, "runs": summary})
         if self.rank == 0:
             folder = Path(self.config.output_dir)
-            write_json(folder / "results.json", jsonable(output))
-            table = markdown_table(summary)
+            write_json(folder / "results.json", output)
+            table = markdown_table(output["runs"])
             write_atomic(folder / "results.md", table + "\n")
             if self.verbose:
                 print(f"\n{table}\n\nresults: {folder / 'results.json'}")
-            missing = sum(r["counts"]["missing_scores"] for r in summary)
+            missing = sum(r["counts"]["missing_scores"] for r in output["runs"])
             if missing:
                 message = (f"{missing} toxicity scores are missing (the scorer gave none); their prompts count "
                            f"without them. Rerun with the same output_dir to score only those again.")

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset
+
+from destein_pl.files import read_text, require_file
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +75,29 @@ def read_plain_jsonl(path: Path, text_field: str = "text") -> list[Prompt]:
 
 def read_text_lines(path: Path) -> list[Prompt]:
     """One prompt a line; ids are `file:line`."""
-    with open(path, encoding="utf-8") as f:
-        return [Prompt(f"{path.name}:{n}", line.rstrip("\n")) for n, line in enumerate(f, start=1)]
+    return [Prompt(f"{path.name}:{n}", line) for n, line in enumerate(_lines(path), start=1)]
 
 
-def _json_lines(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PromptsFileError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+def _lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 prompts file, without their line ends; a file that cannot be read (missing, a folder,
+    not UTF-8) is an error naming it (and the line)."""
+    try:
+        text = read_text(path, "prompts file")
+    except ValueError as err:  # not UTF-8
+        raise PromptsFileError(str(err)) from None
+    lines = text.split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed row) of each non-blank line of a JSONL prompts file."""
+    for lineno, line in enumerate(_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PromptsFileError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
 
 
 def read_hf_prompts(dataset_id: str, split: str) -> list[Prompt]:
@@ -106,27 +119,41 @@ def read_prompts(source: str | Path, format: PromptsFormat = "auto", text_field:
     RealToxicityPrompts, other `.jsonl` is plain, `.txt` is one prompt a line, `org/name` is a hub id."""
     path = Path(source).expanduser()
     if format == "auto":
-        if path.suffix in (".jsonl", ".json") and path.is_file():
-            format = "rtp" if _first_row_is_rtp(path) else "jsonl"
-        elif path.suffix == ".txt":
-            format = "text"
-        elif not path.exists() and str(source).count("/") == 1 and not path.suffix:
-            format = "hf"
-        elif not path.exists():
-            raise FileNotFoundError(f"prompts file not found: {path}")
-        else:
-            raise ValueError(f"cannot tell the format of {source}: use .jsonl, .txt, a hub id, or set format")
+        format = _guess_format(path, str(source))
     if format == "hf":
         return read_hf_prompts(str(source), split)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file not found: {path}")
+    require_file(path, "prompts file")
     readers = {"rtp": read_rtp_jsonl, "jsonl": lambda p: read_plain_jsonl(p, text_field), "text": read_text_lines}
     return readers[format](path)
 
 
+def _guess_format(path: Path, source: str) -> PromptsFormat:
+    """The format `auto` stands for: by extension (and a JSONL file's first row), or `hf` for an `org/name` that
+    is no local path. A folder or a missing file is an error that says so."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; expected a prompts file (or set format: hf for a dataset)")
+    if path.suffix in (".jsonl", ".json") and path.is_file():
+        return "rtp" if _first_row_is_rtp(path) else "jsonl"
+    if path.suffix == ".txt":
+        return "text"
+    if not path.exists() and source.count("/") == 1 and not path.suffix:
+        return "hf"
+    if not path.exists():
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    raise ValueError(f"cannot tell the format of {source}: use .jsonl, .txt, a hub id, or set format")
+
+
 def _first_row_is_rtp(path: Path) -> bool:
-    for _, row in _json_lines(path):
-        return isinstance(row, dict) and isinstance(row.get("prompt"), dict)
+    """Whether the first non-blank line is a RealToxicityPrompts object. Reads only that line; a line that does not
+    parse (or is not UTF-8) says no here, and the reader then reports it with its line number."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    return False
+                return isinstance(row, dict) and isinstance(row.get("prompt"), dict)
     return False
 
 

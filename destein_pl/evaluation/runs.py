@@ -3,7 +3,9 @@
 `<output_dir>/alpha_<a>/` holds `generations.jsonl` (one line per prompt: its text, continuations, their toxicity
 and perplexity, appended as they are produced), `settings.json` (what the lines were produced with) and, at the
 end, `results.json`. A stored line is reused only for the same settings (else the folder is refused) and the same
-prompt id with the same prompt text; its missing toxicity scores are scored again.
+prompt id with the same prompt text, padded to the same width (the longest prompt of the run: another width
+changes the last bits of the logits, so a prompt shared by two different samples of prompts is made again); its
+missing toxicity scores are scored again.
 """
 
 from __future__ import annotations
@@ -53,13 +55,14 @@ class AlphaRun:
         folder: its folder.
         settings: what its generations depend on (`EvaluationConfig.fingerprint`).
         prompts: the prompts of this run (all processes'), to check stored lines against.
+        width: the padded prompt width of this run; stored lines made at another width are made again.
         regenerate_changed: make prompts whose stored text differs anew instead of refusing.
         rank, world_size: this process and how many there are; each process appends to its own file.
         device: where the metric states live.
     """
 
     def __init__(self, alpha: float, folder: Path, settings: dict[str, Any], prompts: Sequence[Prompt],
-                 regenerate_changed: bool = False, rank: int = 0, world_size: int = 1,
+                 width: int | None = None, regenerate_changed: bool = False, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu") -> None:
         self.alpha, self.folder = alpha, folder
         ensure_settings(folder, settings)
@@ -71,7 +74,7 @@ class AlphaRun:
                 f"{', '.join(map(repr, changed[:3]))}): the prompts file changed since they were generated. Use "
                 f"another output_dir, or set evaluation.on_changed_prompts=regenerate to make them anew")
         wanted = {p.id: p.text for p in prompts}
-        self.records = {i: r for i, r in stored.items() if wanted.get(i) == r["prompt"]}
+        self.records = {i: r for i, r in stored.items() if wanted.get(i) == r["prompt"] and r.get("width") == width}
         self.resumed = len(self.records)
         name = "generations.jsonl" if world_size == 1 else f"generations.rank{rank}.jsonl"
         self.part = folder / name

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,17 @@ def nucleus_choice(logits: Tensor, uniforms: Tensor, top_p: float, temperature: 
     return order.gather(-1, position[:, None]).squeeze(-1)
 
 
+def check_sampling(top_p: float, temperature: float, max_new_tokens: int) -> None:
+    """Refuse sampling settings that would run but give meaningless text: `top_p <= 0` empties the nucleus (the
+    least likely token would be picked), a negative or NaN temperature flips or breaks the distribution."""
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (the nucleus mass), got {top_p}")
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -86,8 +98,11 @@ def sample(
     samples. With a fixed `width`, a row's logits do not depend on the other rows of the batch (given
     batch-invariant kernels, as on CPU), so nor do its samples.
     """
+    check_sampling(top_p, temperature, max_new_tokens)
     if len(prompts) != len(seeds) or len({len(s) for s in seeds}) != 1:
         raise ValueError("seeds must hold one list of the same length per prompt")
+    if not seeds[0]:
+        raise ValueError("seeds must hold at least one sample per prompt")
     device = next(model.parameters()).device
     longest = max(len(p) for p in prompts)
     if width is not None and width < longest:
@@ -167,6 +182,12 @@ class PromptSampler:
                  seed: int = 0, max_prompt_tokens: int | None = None) -> None:
         if steered.tokenizer is None:
             raise ValueError("the SteeredCausalLM was built without a tokenizer; pass one to continue text prompts")
+        check_sampling(top_p, temperature, max_new_tokens)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be at least 1 (or None: the room the context leaves), got "
+                             f"{max_prompt_tokens}")
         self.steered = steered
         self.num_samples, self.max_new_tokens, self.top_p = num_samples, max_new_tokens, top_p
         self.temperature, self.seed = temperature, seed

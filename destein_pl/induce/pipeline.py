@@ -28,7 +28,7 @@ from destein_pl.evaluation.prompts import read_prompts, usable_prompts
 from destein_pl.evaluation.sampling import end_token_ids, row_seed, sample
 from destein_pl.evaluation.scorers import ToxicityScorer, build_scorer
 from destein_pl.files import append_jsonl, ensure_settings, read_jsonl, write_atomic
-from destein_pl.induce.rewriters import Rewriter, RewriteContext, build_rewriter
+from destein_pl.induce.rewriters import RewriteContext, Rewriter, build_rewriter
 from destein_pl.steering.loading import load_base_model
 from destein_pl.steering.model import SteeredCausalLM
 

@@ -4,6 +4,7 @@ options on the command line or in YAML (`--config`), checked against their types
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import logging
@@ -15,14 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import jsonargparse
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 
 from destein_pl.evaluation.prompts import Prompt, PromptsConfig, load_prompts
 from destein_pl.evaluation.report import load_results, markdown_table
 from destein_pl.evaluation.sampling import PromptSampler
-from destein_pl.induce import induce
+from destein_pl.evaluation.scorers import SCORERS
+from destein_pl.induce import REWRITERS, induce
 from destein_pl.lightning.datamodule import DeSteinDataModule
 from destein_pl.lightning.module import DeSteinModule
+from destein_pl.plugins import describe_plugins
 from destein_pl.steering.checkpoint import apply_checkpoint_state, load_checkpoint_file, read_checkpoint
 from destein_pl.steering.model import SteeredCausalLM
 
@@ -47,8 +51,11 @@ def generate(
     seed: int = 0,
     max_prompt_tokens: int = 512,
     width: int = 60,
-) -> None:
+) -> dict[str, list]:
     """Continue prompts with the base model and with the steered model, side by side.
+
+    Returns what it prints: `{"prompts": [...], "base": [[...]], "steered": [[...]]}`, the continuations of each
+    prompt.
 
     Uses the evaluation sampler: with `--sample true`, the same prompts (`--prompts.*` as `test`'s `--data.prompts.*`),
     seed, `top_p`, `temperature`, `max_new_tokens` and `max_prompt_tokens` give exactly the continuations `destein
@@ -97,6 +104,7 @@ def generate(
                 b = right[i] if i < len(right) else ""
                 print(f"{a:<{width}} | {b}")
         print()
+    return {"prompts": [p.text for p in chosen], "base": base_out, "steered": steered_out}
 
 
 def compare(results: list[str], labels: list[str] | None = None, plot: str | None = None) -> None:
@@ -133,6 +141,18 @@ class DeSteinCLI(LightningCLI):
             "trainer.default_root_dir": "runs",  # where the run's config.yaml goes when there is no logger
         })
 
+    def _parse_ckpt_path(self) -> None:
+        """Check a local checkpoint before anything loads it, with errors naming the file. Unlike LightningCLI,
+        the checkpoint's hyperparameters do not replace the config's: `model.base_model` and `model.dtype` are
+        what the config and command line say (a base model other than the checkpoint's is named in a warning, and
+        its architecture must match)."""
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if ckpt_path and "://" not in str(ckpt_path) and not str(ckpt_path).endswith(".safetensors"):
+            if ckpt_path not in ("last", "best", "hpc", "registry"):
+                load_checkpoint_file(ckpt_path)
+
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if "weights_only" in self._subcommand_method_arguments[subcommand]:
@@ -145,12 +165,20 @@ class DeSteinCLI(LightningCLI):
             tensors, metadata = read_checkpoint(ckpt_path)
             apply_checkpoint_state(self.model.steered, tensors, metadata, ckpt_path)
             kwargs["ckpt_path"] = None
-        elif ckpt_path not in (None, "last", "best", "hpc", "registry") and "://" not in str(ckpt_path):
-            load_checkpoint_file(ckpt_path)  # a clear error naming the file before Lightning tries it
         return kwargs
 
 
 EXTRA_COMMANDS = {"generate": generate, "compare": compare, "induce": induce}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """Keeps the line breaks of the plugin lists at the end of `--help`."""
+
+
+def _epilog(command: str) -> str | None:
+    """The scorer and rewriter options a command's `--help` ends with."""
+    scorers = describe_plugins(SCORERS, "--model.evaluation.scorer" if command == "test" else "--scorer")
+    return {"test": scorers, "induce": scorers + "\n\n" + describe_plugins(REWRITERS, "--rewriter")}.get(command)
 
 
 def _is_list(annotation: Any) -> bool:
@@ -187,11 +215,17 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("destein_pl").setLevel(logging.INFO)
+    if not args or args[0] in ("-h", "--help"):
+        print("destein: fit (calibrate), test (evaluate), validate, predict (LightningCLI); generate, compare, induce "
+              "(see `destein VERB --help`)\n")
     if args and args[0] in EXTRA_COMMANDS:
         command = EXTRA_COMMANDS[args[0]]
-        jsonargparse.CLI(command, args=gather_lists(command, args[1:]), prog=f"destein {args[0]}")
+        jsonargparse.CLI(command, args=gather_lists(command, args[1:]), prog=f"destein {args[0]}",
+                         epilog=_epilog(args[0]), formatter_class=_HelpFormatter)
         return
-    DeSteinCLI(DeSteinModule, DeSteinDataModule, save_config_kwargs={"overwrite": True}, args=args)
+    DeSteinCLI(DeSteinModule, DeSteinDataModule, save_config_kwargs={"overwrite": True}, args=argv,
+               parser_kwargs={"formatter_class": _HelpFormatter,
+                              "test": {"epilog": _epilog("test"), "formatter_class": _HelpFormatter}})
 
 
 if __name__ == "__main__":

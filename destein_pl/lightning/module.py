@@ -75,6 +75,17 @@ class DeSteinModule(L.LightningModule):
         self.checkpoint_source = "checkpoint"
         """How errors name the checkpoint that `test` loads (the CLI sets its path)."""
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, weights_only: bool | None = None,
+                             **kwargs: Any) -> DeSteinModule:
+        """Lightning's loader, restricted to tensors and plain values (local or remote): a checkpoint never runs
+        code. Prefer `SteeredCausalLM.from_checkpoint` for a ready-to-generate model."""
+        if weights_only is False:
+            raise ValueError("steering checkpoints hold tensors and plain values only; weights_only=False is refused")
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only=True,
+                                            **kwargs)
+
     def configure_model(self) -> None:
         if self.steered is None:
             model, tokenizer = load_base_model(self.hparams.base_model, dtype=self.hparams.dtype)
@@ -120,6 +131,10 @@ class DeSteinModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
+        recorded = (checkpoint.get(METADATA_KEY) or {}).get("base_model") or {}
+        if recorded.get("name_or_path") not in (None, self.hparams.base_model):
+            log.warning("%s was calibrated on %r; evaluating it on model.base_model %r (the architecture is checked)",
+                        self.checkpoint_source, recorded["name_or_path"], self.hparams.base_model)
         # Check the checkpoint fits this model before Lightning loads its buffers (non-strictly).
         apply_checkpoint_state(self.steered, checkpoint["state_dict"], checkpoint.get(METADATA_KEY),
                                self.checkpoint_source)
@@ -144,5 +159,6 @@ class DeSteinModule(L.LightningModule):
         for run in output["runs"]:
             for subset in SUBSETS:
                 for name in METRIC_NAMES:
-                    self.log(f"alpha_{run['alpha']:g}/{subset}/{name}", run["metrics"][subset][name],
-                             rank_zero_only=True)
+                    value = run["metrics"][subset][name]
+                    if value is not None:  # a subset without prompts has no value
+                        self.log(f"alpha_{run['alpha']:g}/{subset}/{name}", value, rank_zero_only=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,8 +105,11 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{path}: refused to load: the checkpoint holds objects other than tensors and plain "
-                              f"values, which could run code ({str(err).splitlines()[0]})") from err
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found is None:
+            raise CheckpointError(f"{path}: not a readable checkpoint (not a torch file)") from None
+        raise CheckpointError(f"{path}: refused to load: the checkpoint holds an object ({found.group(1)}) other "
+                              f"than tensors and plain values, and unpickling it could run code") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, IndexError, KeyError) as err:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(checkpoint, dict):
@@ -116,6 +120,8 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
     """Tensors and metadata of a `.ckpt` or `.safetensors` steering checkpoint, without unpickling objects."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; expected a steering checkpoint file (.ckpt or .safetensors)")
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise FileNotFoundError(f"steering checkpoint not found: {path}")
