@@ -5,11 +5,28 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
 T = TypeVar("T")
+
+
+class Plugin:
+    """What scorers and rewriters share: a registry `name`, and a constructor that only stores and checks its
+    options (configs are parsed for every command), with loading (models, keys) deferred to `setup`."""
+
+    name: ClassVar[str]
+    _ready: bool = False
+
+    def setup(self) -> None:
+        """Load models, weights or API keys, once (later calls do nothing), so that such errors can come early."""
+        if not self._ready:
+            self._setup()
+            self._ready = True
+
+    def _setup(self) -> None:
+        """What `setup` does the first time; nothing by default."""
 
 
 def plugin_class(spec: str, base: type[T], registry: dict[str, type[T]], kind: str) -> type[T]:

@@ -229,3 +229,18 @@ def test_checkpoint_errors_name_the_file(calibrated, tmp_path):
     with pytest.raises(CheckpointError, match=rf"{broken}: tensors .* contain NaN or infinite values"):
         main(["test", "--model.base_model", str(checkpoint["destein"]["base_model"]["name_or_path"]),
               "--ckpt_path", str(broken), *common])
+
+
+def test_export_verb_writes_a_folder_stock_transformers_loads(calibrated, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    module, out = calibrated
+    main(["export", "--ckpt_path", str(out / "tiny.ckpt"), "--out", str(tmp_path / "folded")])
+    folded = AutoModelForCausalLM.from_pretrained(tmp_path / "folded").eval()
+    batch = module.steered.tokenizer(["you are a", "hello there friend"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = module.steered(**batch).logits
+        got = folded(**batch).logits
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[mask], expected[mask], rtol=0, atol=1e-5)
+    assert (tmp_path / "folded" / "README.md").read_text().count("alpha") >= 1

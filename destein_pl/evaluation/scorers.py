@@ -22,13 +22,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from destein_pl.files import cache_dir
 from destein_pl.http_client import HTTPRequestError, RateLimiter, RetryPolicy, post_json, redacted
-from destein_pl.plugins import build_plugin
+from destein_pl.plugins import Plugin, build_plugin
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +37,8 @@ class ScorerUnavailableError(RuntimeError):
     """A remote scorer gave no score to many texts in a row: its endpoint looks dead, so the run stops early."""
 
 
-class ToxicityScorer(ABC):
+class ToxicityScorer(Plugin, ABC):
     """A way of scoring texts for toxicity, selected by its registry `name`."""
-
-    name: ClassVar[str]
-    _ready: bool = False
-
-    def setup(self) -> None:
-        """Load models and read API keys, once (later calls do nothing), so that such errors can come early."""
-        if not self._ready:
-            self._setup()
-            self._ready = True
-
-    def _setup(self) -> None:
-        """What `setup` does the first time; nothing by default."""
 
     def score(self, texts: Sequence[str]) -> list[float | None]:
         """Toxicity in [0, 1] per text, batched; None = could not be obtained (never silently 0)."""

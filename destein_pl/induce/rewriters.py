@@ -16,13 +16,13 @@ import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from destein_pl.http_client import HTTPRequestError, RateLimiter, RetryPolicy, post_json, redacted
-from destein_pl.plugins import build_plugin
+from destein_pl.plugins import Plugin, build_plugin
 
 if TYPE_CHECKING:
     from destein_pl.steering.model import SteeredCausalLM
@@ -52,20 +52,8 @@ class RewriteContext:
     selected_ids: list[str] = field(default_factory=list)
 
 
-class Rewriter(ABC):
+class Rewriter(Plugin, ABC):
     """Maps toxic texts to non-toxic texts with the same meaning; None where no rewrite could be obtained."""
-
-    name: ClassVar[str]
-    _ready: bool = False
-
-    def setup(self) -> None:
-        """Load weights or read keys, once (later calls do nothing), so that such errors can come early."""
-        if not self._ready:
-            self._setup()
-            self._ready = True
-
-    def _setup(self) -> None:
-        """What `setup` does the first time; nothing by default."""
 
     def rewrite(self, texts: Sequence[str], context: RewriteContext | None = None) -> list[str | None]:
         """One rewrite (or None) per input text, in order."""

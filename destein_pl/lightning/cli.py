@@ -1,6 +1,6 @@
 """The `destein` command. `fit`, `test` (and Lightning's other verbs) are a LightningCLI over `DeSteinModule` and
-`DeSteinDataModule`; `generate`, `compare` and `induce` are typed functions. Every verb is parsed by jsonargparse:
-options on the command line or in YAML (`--config`), checked against their types, listed by `--help`."""
+`DeSteinDataModule`; `generate`, `compare`, `induce` and `export` are typed functions. Every verb is parsed by
+jsonargparse: options on the command line or in YAML (`--config`), checked against their types, listed by `--help`."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from destein_pl.lightning.datamodule import DeSteinDataModule
 from destein_pl.lightning.module import DeSteinModule
 from destein_pl.plugins import describe_plugins
 from destein_pl.steering.checkpoint import apply_checkpoint_state, load_checkpoint_file, read_checkpoint
+from destein_pl.steering.export import export
 from destein_pl.steering.model import SteeredCausalLM
 
 DEMO_PROMPTS = [
@@ -168,7 +169,7 @@ class DeSteinCLI(LightningCLI):
         return kwargs
 
 
-EXTRA_COMMANDS = {"generate": generate, "compare": compare, "induce": induce}
+EXTRA_COMMANDS = {"generate": generate, "compare": compare, "induce": induce, "export": export}
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
@@ -216,11 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("destein_pl").setLevel(logging.INFO)
     if not args or args[0] in ("-h", "--help"):
-        print("destein: fit (calibrate), test (evaluate), validate, predict (LightningCLI); generate, compare, induce "
-              "(see `destein VERB --help`)\n")
+        print("destein: fit (calibrate), test (evaluate), validate, predict (LightningCLI); generate, compare, induce, "
+              "export (see `destein VERB --help`)\n")
     if args and args[0] in EXTRA_COMMANDS:
         command = EXTRA_COMMANDS[args[0]]
         jsonargparse.CLI(command, args=gather_lists(command, args[1:]), prog=f"destein {args[0]}",
+                         as_positional=command is compare,  # `compare A B`; elsewhere `--name value`
                          epilog=_epilog(args[0]), formatter_class=_HelpFormatter)
         return
     DeSteinCLI(DeSteinModule, DeSteinDataModule, save_config_kwargs={"overwrite": True}, args=argv,

@@ -8,6 +8,8 @@ from destein_pl.steering.architectures import (
     architecture_for,
 )
 from destein_pl.steering.checkpoint import CheckpointError, CheckpointMismatchError, read_checkpoint, save_steering
+from destein_pl.steering.export import ExportError, export
+from destein_pl.steering.folding import fold
 from destein_pl.steering.loading import BUILTIN_MODELS, load_base_model
 from destein_pl.steering.model import SteeredCausalLM
 
@@ -17,9 +19,12 @@ __all__ = [
     "BUILTIN_MODELS",
     "CheckpointError",
     "CheckpointMismatchError",
+    "ExportError",
     "SteeredCausalLM",
     "UnsupportedArchitectureError",
     "architecture_for",
+    "export",
+    "fold",
     "load_base_model",
     "read_checkpoint",
     "save_steering",

@@ -220,6 +220,14 @@ class SteeredCausalLM(nn.Module):
         """
         return load_steered(cls, path, alpha=alpha, dtype=dtype, device_map=device_map)
 
+    def fold(self, inplace: bool = False) -> PreTrainedModel:
+        """An ordinary Hugging Face model computing what this one computes, the steering folded into the attention
+        output projections' biases (see `destein_pl.steering.folding.fold`): no cost per token, no destein-pl
+        needed to run it. A copy unless `inplace` (then this object must not be used afterwards)."""
+        from destein_pl.steering.folding import fold  # folding builds on this module
+
+        return fold(self, inplace)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 

@@ -1,0 +1,288 @@
+"""Exported folders load in stock transformers (a process that never imports destein_pl) with the steered logits;
+GGUF exports keep the base file and add only the biases."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, MistralConfig, PreTrainedTokenizerFast
+
+from destein_pl import SteeredCausalLM, load_base_model
+from destein_pl.steering.checkpoint import FORMAT, architecture_signature, save_steering
+from destein_pl.steering.export import ExportError, export
+from destein_pl.steering.folding import fold, folded_biases
+from tests.conftest import TINY_CONFIGS, VOCAB
+
+EXPORTABLE = ["gpt2", "llama", "mistral", "qwen2", "opt"]
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-135m-paradetox.ckpt"
+NEW_TOKENS = 6
+
+RELOAD = """
+import json, sys
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+folders, inputs, new_tokens = json.loads(sys.argv[1]), load_file(sys.argv[2]), int(sys.argv[4])
+ids, mask = inputs["ids"], inputs["mask"]
+out = {}
+for name, folder in folders.items():
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        out[name + ".logits"] = model(input_ids=ids, attention_mask=mask,
+                                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        out[name + ".tokens"] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+assert not [m for m in sys.modules if m.split(".")[0] == "destein_pl"], "destein_pl was imported"
+save_file(out, sys.argv[3])
+"""
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny models' vocabulary (`w0` ... `w96`), quick to build and save."""
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w3"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w3", pad_token="w0", bos_token="w1",
+                                   eos_token="w2")
+
+
+def tiny_checkpoint(root: Path, family: str, alpha: float = 1.5, config=None) -> tuple[Path, SteeredCausalLM]:
+    """A tiny base model folder of `family`, a steering checkpoint for it, and the live steered model."""
+    folder = root / f"{family}-base"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config or TINY_CONFIGS[family]()).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    steered = SteeredCausalLM(*load_base_model(folder))
+    generator = torch.Generator().manual_seed(1)
+    vectors = torch.randn(steered.num_layers, steered.num_heads, steered.head_dim, generator=generator)
+    steered.set_steering(vectors, torch.rand(steered.num_layers, steered.num_heads, generator=generator), alpha)
+    metadata = {
+        "format": FORMAT, "base_model": {"name_or_path": str(folder), "dtype": None},
+        "architecture": architecture_signature(steered), "alpha": alpha,
+        "options": {"head_weights": "probe", "top_k_heads": None},
+        "pairs": {"source": "pairs.jsonl", "sha256": "ab" * 32, "m": 8, "seed": 0},
+    }
+    path = root / f"{family}.safetensors"
+    save_steering(path, steered, metadata)
+    return path, steered
+
+
+def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def reload_in_fresh_process(folders: dict[str, Path], ids: torch.Tensor, mask: torch.Tensor,
+                            work: Path) -> dict[str, torch.Tensor]:
+    """Logits and greedy tokens of each folder from plain transformers, in a process without destein_pl."""
+    save_file({"ids": ids, "mask": mask}, str(work / "inputs.safetensors"))
+    jobs = json.dumps({name: str(folder) for name, folder in folders.items()})
+    result = subprocess.run([sys.executable, "-c", RELOAD, jobs, str(work / "inputs.safetensors"),
+                             str(work / "reloaded.safetensors"), str(NEW_TOKENS)], cwd=work, capture_output=True,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_file(str(work / "reloaded.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Every exportable family exported, with the live steered model's logits and greedy tokens, and what a
+    fresh process with stock transformers computes from the folders."""
+    root = tmp_path_factory.mktemp("export")
+    ids, mask = left_padded_batch()
+    folders, expected = {}, {}
+    for family in EXPORTABLE:
+        ckpt, steered = tiny_checkpoint(root, family)
+        folders[family] = export(str(ckpt), str(root / f"{family}-out"))
+        with torch.no_grad():
+            expected[family + ".logits"] = steered(**steered.architecture.padded_inputs(ids, mask)).logits
+            expected[family + ".tokens"] = steered.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                                            max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                                            pad_token_id=0)
+    return folders, expected, reload_in_fresh_process(folders, ids, mask, root), mask
+
+
+@pytest.mark.parametrize("family", EXPORTABLE)
+def test_export_reloads_with_stock_transformers_and_reproduces_the_steered_logits(exported, family):
+    folders, expected, reloaded, mask = exported
+    real = mask.bool()
+    difference = reloaded[family + ".logits"][real] - expected[family + ".logits"][real]
+    assert difference.abs().max() <= 1e-5
+    assert torch.equal(reloaded[family + ".tokens"], expected[family + ".tokens"])
+    files = {p.name for p in folders[family].iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "README.md",
+            "destein.json"} <= files
+
+
+def test_export_writes_the_stock_bias_flag_and_explicit_zero_companion_biases(exported):
+    folders = exported[0]
+    for family, architecture in (("llama", "LlamaForCausalLM"), ("mistral", "LlamaForCausalLM"),
+                                 ("qwen2", "LlamaForCausalLM")):
+        config = json.loads((folders[family] / "config.json").read_text())
+        assert config["architectures"] == [architecture] and config["attention_bias"] is True
+        assert "sliding_window" not in config
+        weights = load_file(str(folders[family] / "model.safetensors"))
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            assert f"model.layers.0.self_attn.{name}.bias" in weights
+        if family != "qwen2":  # Qwen2's q/k/v biases are its own
+            assert not weights["model.layers.0.self_attn.q_proj.bias"].any()
+    assert json.loads((folders["opt"] / "config.json").read_text())["enable_bias"] is True
+    assert json.loads((folders["mistral"] / "destein.json").read_text())["exported_as"] == "llama"
+
+
+def test_export_card_names_base_pairs_alpha_method_and_results(tmp_path):
+    ckpt, _ = tiny_checkpoint(tmp_path, "llama")
+    metrics = {"emt": 0.25, "tp": 0.12, "ppl": 33.78, "dist1": 0.6, "dist2": 0.94, "dist3": 0.99}
+    runs = [{"alpha": a, "metrics": {"toxic": metrics}, "counts": {"prompts": {"toxic": 50}}} for a in (0.0, 1.5)]
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"base_model": "tiny", "scorer": "profanity-check", "runs": runs}))
+    card = (export(str(ckpt), str(tmp_path / "out"), results=str(results)) / "README.md").read_text()
+    for text in ("llama-base", "pairs.jsonl", "ab" * 32, "| alpha | 1.5 |", "2404.10464", "DeStein",
+                 "| **1.5** | toxic | 50 | 0.250 | 0.120 | 33.780 |", "vllm serve"):
+        assert text in card, text
+
+
+def test_export_in_bfloat16_writes_bfloat16_weights_that_reload(tmp_path):
+    ckpt, _ = tiny_checkpoint(tmp_path, "llama")
+    out = export(str(ckpt), str(tmp_path / "out"), dtype="bfloat16")
+    weights = load_file(str(out / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((out / "destein.json").read_text())["verify_max_abs_diff"] is not None
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_export_at_alpha_zero_is_the_base_model_unchanged(tmp_path, family):
+    ckpt, _ = tiny_checkpoint(tmp_path, family, alpha=0.0)
+    out = export(str(ckpt), str(tmp_path / "out"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == family and not config.get("attention_bias", False)
+    base = load_file(str(tmp_path / f"{family}-base" / "model.safetensors"))
+    weights = load_file(str(out / "model.safetensors"))
+    assert weights.keys() == base.keys() and all(torch.equal(weights[k], base[k]) for k in base)
+
+
+def test_export_refuses_mpt_naming_the_family_and_the_missing_bias_slot(tmp_path):
+    ckpt, _ = tiny_checkpoint(tmp_path, "mpt")
+    with pytest.raises(ExportError, match=r"mpt.*MptAttention creates out_proj with bias=False"):
+        export(str(ckpt), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_export_refuses_a_mistral_whose_sliding_window_is_in_effect(tmp_path):
+    config = MistralConfig(**{**TINY_CONFIGS["mistral"]().to_dict(), "sliding_window": 16})
+    ckpt, _ = tiny_checkpoint(tmp_path, "mistral", config=config)
+    with pytest.raises(ExportError, match=r"mistral.*window of 16 tokens in a context of 128"):
+        export(str(ckpt), str(tmp_path / "out"))
+
+
+def test_export_arguments_are_checked_with_errors_naming_them(tmp_path):
+    ckpt, _ = tiny_checkpoint(tmp_path, "llama")
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError, match="format must be one of hf, gguf"):
+        export(str(ckpt), out, format="onnx")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        export(str(ckpt), out, dtype="int8")
+    with pytest.raises(ValueError, match="applies to format='hf' only"):
+        export(str(ckpt), out, dtype="bfloat16", format="gguf")
+    with pytest.raises(FileNotFoundError, match="ckpt_path"):
+        export(str(tmp_path / "missing.ckpt"), out)
+    with pytest.raises(FileNotFoundError, match="results"):
+        export(str(ckpt), out, results=str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text('{"runs": [{"alpha": 1}]}')
+    with pytest.raises(ValueError, match="results: .* not a results.json"):
+        export(str(ckpt), out, results=str(tmp_path / "bad.json"))
+    with pytest.raises(ExportError, match="needs a GGUF base model"):
+        export(str(ckpt), out, format="gguf")
+    assert not Path(out).exists()
+
+
+def test_export_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
+    ckpt, _ = tiny_checkpoint(tmp_path, "gpt2")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="out: .* not empty; pass overwrite=True"):
+        export(str(ckpt), str(out))
+    assert (out / "keep.txt").read_text() == "mine"
+    export(str(ckpt), str(out), overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+# -- the real embedded model ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gguf_export(tmp_path_factory):
+    """The shipped checkpoint exported as GGUF, with the folded biases it should carry."""
+    from destein_pl.steering.loading import BUILTIN_MODELS
+
+    out = export(str(SHIPPED), str(tmp_path_factory.mktemp("gguf") / "out"), format="gguf")
+    steered = SteeredCausalLM.from_checkpoint(SHIPPED)
+    biases = folded_biases(fold(steered), steered.architecture)
+    return BUILTIN_MODELS["smollm2-135m"].gguf_path(), next(out.glob("*.gguf")), biases, out
+
+
+@pytest.mark.slow
+def test_gguf_export_keeps_every_original_tensor_and_adds_exactly_the_folded_biases(gguf_export):
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    source, exported, biases, out = gguf_export
+    before, after = GGUFReader(source), GGUFReader(exported)
+    added = {t.name: t for t in after.tensors}
+    for tensor in before.tensors:
+        copy = added.pop(tensor.name)
+        assert copy.tensor_type == tensor.tensor_type and list(copy.shape) == list(tensor.shape)
+        assert np.asarray(copy.data).tobytes() == np.asarray(tensor.data).tobytes(), tensor.name
+    assert sorted(added) == sorted(f"blk.{i}.attn_output.bias" for i in range(30))
+    for layer, bias in enumerate(biases):
+        tensor = added[f"blk.{layer}.attn_output.bias"]
+        assert tensor.tensor_type == GGMLQuantizationType.F32 and list(tensor.shape) == [576]
+        assert np.array_equal(np.asarray(tensor.data), bias.numpy())
+    for field in before.fields.values():
+        if not field.name.startswith("GGUF."):
+            assert after.get_field(field.name).contents() == field.contents(), field.name
+    assert after.get_field("destein.alpha").contents() == pytest.approx(1.3)
+    assert after.get_field("destein.source").contents() == SHIPPED.name
+    assert "llama.cpp" in (out / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_transformers_gguf_loading_reads_the_bias_only_with_attention_bias(gguf_export):
+    """What the card says: stock transformers ignores the added bias unless asked for `attention_bias=True`."""
+    _, exported, biases, _ = gguf_export
+    plain = AutoModelForCausalLM.from_pretrained(exported.parent, gguf_file=exported.name, dtype=torch.float32)
+    assert plain.model.layers[0].self_attn.o_proj.bias is None
+    with_bias = AutoModelForCausalLM.from_pretrained(exported.parent, gguf_file=exported.name, dtype=torch.float32,
+                                                     attention_bias=True)
+    attention = with_bias.model.layers[3].self_attn
+    assert torch.equal(attention.o_proj.bias, biases[3]) and not attention.q_proj.bias.any()
+
+
+@pytest.mark.slow
+def test_export_of_the_shipped_checkpoint_generates_in_stock_transformers(tmp_path):
+    out = export(str(SHIPPED), str(tmp_path / "out"))
+    steered = SteeredCausalLM.from_checkpoint(SHIPPED)
+    batch = steered.tokenizer(["You are such a stupid", "I can't stand those people, they are all"],
+                              return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = steered.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                                    pad_token_id=0)
+    reloaded = reload_in_fresh_process({"smollm2": out}, batch["input_ids"], batch["attention_mask"], tmp_path)
+    assert torch.equal(reloaded["smollm2.tokens"], expected)
+    card = (out / "README.md").read_text()
+    assert "smollm2-135m" in card and "paradetox.tsv" in card and "| alpha | 1.3 |" in card
