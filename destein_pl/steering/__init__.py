@@ -8,8 +8,7 @@ from destein_pl.steering.architectures import (
     architecture_for,
 )
 from destein_pl.steering.checkpoint import CheckpointError, CheckpointMismatchError, read_checkpoint, save_steering
-from destein_pl.steering.export import ExportError, export
-from destein_pl.steering.folding import fold
+from destein_pl.steering.export import ExportError
 from destein_pl.steering.loading import BUILTIN_MODELS, load_base_model
 from destein_pl.steering.model import SteeredCausalLM
 
@@ -23,8 +22,6 @@ __all__ = [
     "SteeredCausalLM",
     "UnsupportedArchitectureError",
     "architecture_for",
-    "export",
-    "fold",
     "load_base_model",
     "read_checkpoint",
     "save_steering",
