@@ -94,6 +94,24 @@ class RateLimiter:
         self.__dict__.update(state, _lock=threading.Lock())
 
 
+def endpoint_policy(kind: str, url: str, requests_per_second: float | None, max_retries: int, backoff_s: float,
+                    timeout_s: float, allow_no_limit: bool = False) -> RetryPolicy:
+    """Check what every HTTP client of the package is given (an http(s) `url`, a finite rate > 0, or None when
+    `allow_no_limit`, and the retry options), with errors that start with `kind`; return the retry policy."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{kind}: `url` must be an http(s) URL, got {redacted(url)!r}")
+    unlimited = requests_per_second is None and allow_no_limit
+    if not unlimited and not (requests_per_second is not None and requests_per_second > 0
+                              and math.isfinite(requests_per_second)):
+        hint = " (or null)" if allow_no_limit else ""
+        raise ValueError(f"{kind}: `requests_per_second` must be a finite number > 0{hint}, got {requests_per_second}")
+    try:
+        return RetryPolicy(max_retries=max_retries, backoff_s=backoff_s, timeout_s=timeout_s)
+    except ValueError as err:
+        raise ValueError(f"{kind}: {err}") from None
+
+
 def redacted(url: str) -> str:
     """`url` without credentials, query string and fragment, safe to log."""
     parts = urllib.parse.urlsplit(url)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import sqlite3
 import urllib.parse
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 
 from destein_pl.files import cache_dir
-from destein_pl.http_client import HTTPRequestError, RateLimiter, RetryPolicy, post_json, redacted
+from destein_pl.http_client import HTTPRequestError, RateLimiter, endpoint_policy, post_json, redacted
 from destein_pl.plugins import Plugin, build_plugin
 
 log = logging.getLogger(__name__)
@@ -200,24 +199,15 @@ class PerspectiveScorer(ToxicityScorer):
     ) -> None:
         if not api_key_env:
             raise ValueError("perspective: `api_key_env` must name an environment variable")
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"perspective: `url` must be an http(s) URL, got {redacted(url)!r}")
+        self.policy = endpoint_policy("perspective", url, requests_per_second, max_retries, backoff_s, timeout_s)
         if not attribute:
             raise ValueError("perspective: `attribute` must name a Perspective attribute, e.g. TOXICITY")
         languages = ["en"] if languages is None else list(languages)
         if not languages or not all(isinstance(lang, str) and lang for lang in languages):
             raise ValueError(f"perspective: `languages` must be a non-empty list of language codes, got {languages}")
-        if not (requests_per_second > 0 and math.isfinite(requests_per_second)):
-            raise ValueError(f"perspective: `requests_per_second` must be a finite number > 0, got "
-                             f"{requests_per_second}")
         if max_consecutive_failures is not None and max_consecutive_failures < 1:
             raise ValueError(f"perspective: `max_consecutive_failures` must be at least 1 (or null: never stop), got "
                              f"{max_consecutive_failures}")
-        try:
-            self.policy = RetryPolicy(max_retries=max_retries, backoff_s=backoff_s, timeout_s=timeout_s)
-        except ValueError as err:
-            raise ValueError(f"perspective: {err}") from None
         self.api_key_env, self.url, self.attribute, self.languages = api_key_env, url, attribute, languages
         self.requests_per_second = requests_per_second
         self.cache_path = cache_path

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import re
-import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from destein_pl.http_client import HTTPRequestError, RateLimiter, RetryPolicy, post_json, redacted
+from destein_pl.http_client import HTTPRequestError, RateLimiter, endpoint_policy, post_json, redacted
 from destein_pl.plugins import Plugin, build_plugin
 
 if TYPE_CHECKING:
@@ -224,22 +223,14 @@ class OpenAICompatibleRewriter(Rewriter):
         requests_per_second: float | None = None,
     ) -> None:
         kind = "openai-compatible rewriter"
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"{kind}: `url` must be an http(s) URL, got {redacted(url)!r}")
+        self.policy = endpoint_policy(kind, url, requests_per_second, max_retries, backoff_s, timeout_s,
+                                      allow_no_limit=True)
         if not model:
             raise ValueError(f"{kind}: `model` must name the model the endpoint serves")
         if not (temperature >= 0 and math.isfinite(temperature)):
             raise ValueError(f"{kind}: `temperature` must be a finite number >= 0, got {temperature}")
         if max_tokens < 1:
             raise ValueError(f"{kind}: `max_tokens` must be at least 1, got {max_tokens}")
-        if requests_per_second is not None and not (requests_per_second > 0 and math.isfinite(requests_per_second)):
-            raise ValueError(f"{kind}: `requests_per_second` must be a finite number > 0 (or null), got "
-                             f"{requests_per_second}")
-        try:
-            self.policy = RetryPolicy(max_retries=max_retries, backoff_s=backoff_s, timeout_s=timeout_s)
-        except ValueError as err:
-            raise ValueError(f"{kind}: {err}") from None
         self.endpoint = f"{url.rstrip('/')}/chat/completions"
         self.model, self.api_key_env = model, api_key_env
         self.instruction = _instruction_with_text(instruction, kind)
