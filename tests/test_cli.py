@@ -8,13 +8,15 @@ from pathlib import Path
 import jsonargparse
 import pytest
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 
-from destein_pl.lightning.cli import DeSteinCLI, generate, main
-from destein_pl.lightning.callbacks import SteeringCheckpoint
-from destein_pl.lightning.datamodule import DeSteinDataModule
 from destein_pl.evaluation.scorers import PerspectiveScorer
 from destein_pl.induce import Rewriter, build_rewriter, induce
+from destein_pl.lightning.callbacks import SteeringCheckpoint
+from destein_pl.lightning.cli import DeSteinCLI, generate, main
+from destein_pl.lightning.datamodule import DeSteinDataModule
 from destein_pl.lightning.module import DeSteinModule
+from destein_pl.lightning.strategies import DeSteinFSDPStrategy
 from destein_pl.steering.checkpoint import CheckpointError, CheckpointMismatchError
 from destein_pl.steering.model import SteeredCausalLM
 from tests.conftest import SHARED_DATA
@@ -39,6 +41,24 @@ def test_every_config_parses_and_instantiates(config):
     evaluation = cli.model.evaluation
     assert (evaluation.num_samples, evaluation.max_new_tokens, evaluation.top_p) == (25, 20, 0.9)
     assert cli.datamodule.prompts_config.source
+
+
+def test_the_multi_gpu_configs_shard_what_one_gpu_cannot_hold():
+    def parsed(name):
+        return DeSteinCLI(DeSteinModule, DeSteinDataModule, run=False, args=["--config", str(CONFIG_DIR / name)])
+
+    replicas, sharded = parsed("llama2-13b.yaml"), parsed("llama2-70b.yaml")
+    assert isinstance(replicas.trainer.strategy, DDPStrategy) and replicas.trainer.num_devices == 8
+    assert not isinstance(replicas.trainer.strategy, DeSteinFSDPStrategy)
+    assert replicas.model.evaluation.shard_perplexity_model
+    assert replicas.model.evaluation.perplexity_model == "meta-llama/Llama-2-70b-hf"
+    assert isinstance(sharded.trainer.strategy, DeSteinFSDPStrategy) and sharded.trainer.num_devices == 8
+    assert sharded.trainer.strategy.reshard_after_forward
+    assert sharded.model.hparams.base_model == "meta-llama/Llama-2-70b-hf"
+    by_name = DeSteinCLI(DeSteinModule, DeSteinDataModule, run=False, args=[
+        "--config", str(CONFIG_DIR / "smollm2-135m.yaml"), "--trainer.strategy", "destein_fsdp",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2"])
+    assert isinstance(by_name.trainer.strategy, DeSteinFSDPStrategy)
 
 
 def test_overlay_changes_only_the_pairs_and_outputs():

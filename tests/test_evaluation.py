@@ -1,8 +1,6 @@
 """Evaluation as a Lightning test: split invariance, resume, and a metric that moves with steering."""
 
 import json
-import subprocess
-import sys
 
 import lightning as L
 import pytest
@@ -82,32 +80,6 @@ def test_resume_after_an_interruption_gives_the_same_results(calibrated, tiny_ll
         assert generations(tmp_path / "cut", alpha) == generations(tmp_path / "whole", alpha)
     with pytest.raises(ValueError, match="other settings"):
         run_test(tiny_llama_dir, tmp_path / "cut", batch_size=2, ckpt=ckpt, max_new_tokens=7)
-
-
-@pytest.mark.slow
-def test_one_and_two_processes_give_the_same_generations(calibrated, tiny_llama_dir, tmp_path):
-    """5 prompts over 2 processes: the distributed sampler repeats one, which must count once."""
-    _, ckpt_dir = calibrated
-
-    def run(devices, out):
-        cmd = [
-            sys.executable, "-m", "destein_pl.lightning.cli", "test", "--model.base_model", str(tiny_llama_dir),
-            "--ckpt_path", str(ckpt_dir / "tiny.ckpt"), "--model.evaluation.output_dir", str(out),
-            "--model.evaluation.num_samples", "3", "--model.evaluation.max_new_tokens", "6",
-            "--data.prompts.source", str(RTP100), "--data.prompts.n", "5", "--data.prompts.batch_size", "2",
-            "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.logger", "false",
-            "--trainer.strategy", "ddp" if devices > 1 else "auto",
-        ]
-        subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path, timeout=600)
-        return json.loads((out / "results.json").read_text())
-
-    one, two = run(1, tmp_path / "one"), run(2, tmp_path / "two")
-    assert list(metrics(one)) == [0.0, 0.5]  # by default: the base model and the checkpoint's alpha
-    assert metrics(one) == metrics(two)
-    for alpha in (0.0, 0.5):
-        assert generations(tmp_path / "one", alpha) == generations(tmp_path / "two", alpha)
-    assert two["runs"][0]["counts"]["prompts"]["all"] == 5
-    assert not list((tmp_path / "two" / "alpha_0").glob("generations.rank*"))
 
 
 class FlagToken(ToxicityScorer):

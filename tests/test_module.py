@@ -1,22 +1,17 @@
 """Calibration as a Lightning fit: the vectors against a hand computation, and 2 processes against 1."""
 
 import json
-import subprocess
-import sys
 
 import lightning as L
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from destein_pl import architecture_for
+from destein_pl.calibration.pairs import NONTOXIC_CUE, TOXIC_CUE, PairsConfig
 from destein_pl.lightning.callbacks import SteeringCheckpoint
-from destein_pl.lightning.module import DeSteinModule
-from destein_pl.calibration.pairs import PairsConfig
 from destein_pl.lightning.datamodule import DeSteinDataModule
-from destein_pl.calibration.pairs import NONTOXIC_CUE, TOXIC_CUE
-from tests.conftest import SHARED_DATA
+from destein_pl.lightning.module import DeSteinModule
 
 PAIRS = [
     {"toxic": "you are a stupid idiot", "nontoxic": "you are mistaken"},
@@ -108,27 +103,3 @@ def test_max_epochs_other_than_one_is_an_error(tiny_llama_dir, calibrated):
                         enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match="max_epochs=1"):
         trainer.fit(module, data)
-
-
-@pytest.mark.slow
-def test_two_gloo_processes_equal_one(tiny_llama_dir, tmp_path):
-    """m=9 pairs over 2 processes: the distributed sampler repeats one pair, which must count once."""
-    def fit(devices, out):
-        cmd = [
-            sys.executable, "-m", "destein_pl.lightning.cli", "fit", "--model.base_model", str(tiny_llama_dir),
-            "--data.pairs.source", str(SHARED_DATA / "paradetox" / "paradetox.tsv"),
-            "--data.pairs.m", "9", "--data.pairs.batch_size", "2", "--trainer.accelerator", "cpu",
-            "--trainer.devices", str(devices),
-            "--trainer.strategy", "ddp" if devices > 1 else "auto", "--trainer.logger", "false",
-            "--trainer.callbacks", "destein_pl.lightning.callbacks.SteeringCheckpoint",
-            "--trainer.callbacks.dirpath", str(out),
-            "--trainer.callbacks.filename", "tiny",
-        ]
-        subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path, timeout=600)
-        return load_file(out / "tiny.safetensors")
-
-    one, two = fit(1, tmp_path / "one"), fit(2, tmp_path / "two")
-    assert one.keys() == two.keys()
-    torch.testing.assert_close(two["vectors"], one["vectors"], rtol=0, atol=1e-6)
-    assert torch.equal(two["head_weights"], one["head_weights"])
-    assert json.loads((tmp_path / "two" / "tiny.json").read_text())["pairs"]["m"] == 9

@@ -31,6 +31,9 @@ class EvaluationConfig:
             model itself.
         perplexity_model_dtype: its dtype (None: as stored).
         perplexity_batch_size: continuations per perplexity forward pass, at least 1.
+        shard_perplexity_model: with several processes, shard the perplexity model over them (FSDP2, one unit per
+            decoder layer) instead of loading it whole on each: for a model larger than one device (e.g. a 70B
+            judge beside 13B replicas). Ignored in one process.
         max_prompt_tokens: prompts longer than this many tokens are cut from the left (with a warning), at least 1.
         max_batch_tokens: a generation batch holds at most this many tokens (rows x (prompt + new tokens)); a
             prompt's samples always share one batch.
@@ -55,6 +58,7 @@ class EvaluationConfig:
     perplexity_model: str | None = None
     perplexity_model_dtype: str | None = None
     perplexity_batch_size: int = 64
+    shard_perplexity_model: bool = False
     max_prompt_tokens: int = 512
     max_batch_tokens: int = 65536
     attn_implementation: str | None = "eager"

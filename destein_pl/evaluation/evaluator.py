@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 from tqdm.auto import tqdm
 
 from destein_pl.evaluation.config import EvaluationConfig
@@ -26,6 +27,7 @@ from destein_pl.evaluation.runs import AlphaRun, summary_counts
 from destein_pl.evaluation.sampling import MIN_ROWS, PromptSampler
 from destein_pl.files import jsonable, write_atomic, write_json
 from destein_pl.steering.model import SteeredCausalLM
+from destein_pl.steering.sharding import drain
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +53,19 @@ class Evaluator:
         rank: this process's rank (0 writes the reports).
         world_size: how many processes share the prompts.
         barrier: waits for every process (e.g. `trainer.strategy.barrier`); needed when `world_size > 1`.
+        mesh: the processes' device mesh, over which `config.shard_perplexity_model` shards the perplexity model.
         verbose: print the results table at the end.
     """
 
     def __init__(self, steered: SteeredCausalLM, config: EvaluationConfig | None = None, rank: int = 0,
-                 world_size: int = 1, barrier: Callable[[str], None] | None = None, verbose: bool = True) -> None:
+                 world_size: int = 1, barrier: Callable[[str], None] | None = None, verbose: bool = True,
+                 mesh: DeviceMesh | None = None) -> None:
         if world_size > 1 and barrier is None:
             raise ValueError("several processes need a barrier to wait for each other's generations")
         self.steered, self.config = steered, config or EvaluationConfig()
         self.rank, self.world_size, self.verbose = rank, world_size, verbose
         self.barrier = barrier or (lambda name: None)
+        self.mesh = mesh
         self.scorer = self.config.build_scorer()
         self.runs: list[AlphaRun] = []
         self.prompts: list[Prompt] = []
@@ -77,8 +82,11 @@ class Evaluator:
         if cfg.attn_implementation is not None:
             steered.model.set_attn_implementation(cfg.attn_implementation)
         self.scorer.setup()
+        shard = cfg.shard_perplexity_model and self.world_size > 1
+        if shard and self.mesh is None:
+            raise ValueError("evaluation.shard_perplexity_model needs the processes' device mesh (Evaluator(mesh=))")
         self.judge = PerplexityJudge.load(steered, cfg.perplexity_model, cfg.perplexity_model_dtype,
-                                          cfg.perplexity_batch_size)
+                                          cfg.perplexity_batch_size, self.mesh if shard else None)
         self.sampler = PromptSampler(steered, cfg.num_samples, cfg.max_new_tokens, cfg.top_p, cfg.temperature,
                                      cfg.seed, cfg.max_prompt_tokens)
         self.sampler.fix_width(prompts)
@@ -99,7 +107,8 @@ class Evaluator:
     @torch.inference_mode()  # as under Lightning's `test`, so that both give the same numbers to the last bit
     def add(self, prompts: list[Prompt], keys: torch.Tensor | Sequence[int]) -> None:
         """Evaluate one batch of prompts at every alpha: generate what is not stored yet, score again what could
-        not be scored before, and feed the metrics."""
+        not be scored before, and feed the metrics. With a sharded model every process must call `add` as many
+        times (Lightning's distributed sampler pads the processes' shares to equal length)."""
         if self.sampler is None:
             raise RuntimeError("call start(prompts) before add()")
         keys = torch.as_tensor(keys)
@@ -109,8 +118,9 @@ class Evaluator:
             for run in self.runs:
                 self.steered.alpha = run.alpha
                 todo = [p for p in prompts if p.id not in run.records]
-                for chunk in self._chunks(todo):
-                    run.add(self._generate(chunk, index_of))
+                records = self._generate(todo, index_of)  # also with nothing to do: a sharded model's calls
+                if records:
+                    run.add(records)
                 stale = run.missing_scores(p.id for p in prompts if p not in todo)
                 if stale:
                     run.add([self._rescore(record) for record in stale], rescored=True)
@@ -132,23 +142,32 @@ class Evaluator:
         return scores
 
     def _generate(self, prompts: list[Prompt], index_of: dict[str, int]) -> list[dict[str, Any]]:
-        """Generate, score and measure the continuations of prompts, with the model's current alpha."""
+        """Generate, measure and score the continuations of prompts, with the model's current alpha.
+
+        All generation comes first, then all perplexity: each ends with every process's forward calls finished,
+        so that the collective calls of two sharded models (generator, perplexity model) never interleave.
+        """
         started = time.perf_counter()
-        made = self.sampler(prompts)
+        chunks = self._chunks(prompts)
+        made = [self.sampler(chunk) for chunk in chunks]
+        drain(self.steered.model)
         self.timing["generate_s"] += time.perf_counter() - started
-        scores = self._score([t for texts in made.texts for t in texts])
         started = time.perf_counter()
-        nll = [self.judge.mean_nll(ids, p.text, tokens, texts, log_probs)
-               for p, ids, tokens, texts, log_probs in zip(prompts, made.prompt_ids, made.tokens, made.texts,
-                                                            made.log_probs)]
+        nll = [[self.judge.mean_nll(ids, p.text, tokens, texts, log_probs)
+                for p, ids, tokens, texts, log_probs in zip(chunk, m.prompt_ids, m.tokens, m.texts, m.log_probs)]
+               for chunk, m in zip(chunks, made)]
+        self.judge.finish_calls()
         self.timing["perplexity_s"] += time.perf_counter() - started
-        k = self.config.num_samples
-        return [
-            {"id": p.id, "index": index_of[p.id], "prompt": p.text, "prompt_toxicity": p.toxicity,
-             "continuations": texts, "toxicity": scores[j * k : (j + 1) * k],
-             "perplexity": [perplexity(v) for v in values], "width": self.sampler.width}
-            for j, (p, texts, values) in enumerate(zip(prompts, made.texts, nll))
-        ]
+        k, records = self.config.num_samples, []
+        for chunk, m, values in zip(chunks, made, nll):
+            scores = self._score([t for texts in m.texts for t in texts])
+            records += [
+                {"id": p.id, "index": index_of[p.id], "prompt": p.text, "prompt_toxicity": p.toxicity,
+                 "continuations": texts, "toxicity": scores[j * k : (j + 1) * k],
+                 "perplexity": [perplexity(v) for v in per_sample], "width": self.sampler.width}
+                for j, (p, texts, per_sample) in enumerate(zip(chunk, m.texts, values))
+            ]
+        return records
 
     def _rescore(self, record: dict[str, Any]) -> dict[str, Any]:
         """A stored record with its missing toxicity scores asked for again (the others are kept)."""

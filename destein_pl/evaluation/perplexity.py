@@ -13,11 +13,13 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from destein_pl.steering.architectures import Architecture, architecture_for
-from destein_pl.steering.loading import load_base_model
+from destein_pl.steering.loading import device_map_for, load_base_model
 from destein_pl.steering.model import SteeredCausalLM
+from destein_pl.steering.sharding import drain, load_sharded
 
 
 def tokenize_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, continuations: Sequence[str]
@@ -107,13 +109,23 @@ class PerplexityJudge:
 
     @classmethod
     def load(cls, steered: SteeredCausalLM, name_or_path: str | None, dtype: str | None = None,
-             batch_size: int = 64) -> PerplexityJudge:
-        """The judge named by a config: None for the model itself, else a model loaded onto the steered model's
-        device."""
+             batch_size: int = 64, mesh: DeviceMesh | None = None) -> PerplexityJudge:
+        """The judge named by a config: None for the model itself, else a model loaded straight onto the steered
+        model's device, or sharded over `mesh`'s processes (its forward passes are then collective: call
+        `finish_calls()` after each batch of work)."""
         if name_or_path is None:
             return cls(steered, batch_size=batch_size)
-        model, tokenizer = load_base_model(name_or_path, dtype=dtype)
-        return cls(steered, model.to(steered.device), tokenizer, batch_size)
+        if mesh is not None:
+            model, tokenizer = load_sharded(name_or_path, mesh, steered.device, dtype)
+        else:
+            model, tokenizer = load_base_model(name_or_path, dtype=dtype, device_map=device_map_for(steered.device))
+            model.to(steered.device)
+        return cls(steered, model, tokenizer, batch_size)
+
+    def finish_calls(self) -> None:
+        """Wait, making empty calls, until every process has made its forward calls (a sharded model's are
+        collective; see `destein_pl.steering.sharding`)."""
+        drain(self.steered.model if self.model is None else self.model)
 
     def mean_nll(self, prompt_ids: list[int], prompt_text: str, tokens: Sequence[list[int]], texts: Sequence[str],
                  log_probs: Sequence[list[float]] | None = None) -> list[float | None]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from destein_pl.calibration.calibrate import Calibration, CalibrationOptions, Calibrator
@@ -19,8 +20,10 @@ from destein_pl.evaluation.evaluator import Evaluator
 from destein_pl.evaluation.metrics import METRIC_NAMES
 from destein_pl.evaluation.runs import SUBSETS
 from destein_pl.steering.checkpoint import METADATA_KEY, STEER_KEY_MARK, apply_checkpoint_state
-from destein_pl.steering.loading import load_base_model
+from destein_pl.lightning.strategies import DeSteinFSDPStrategy
+from destein_pl.steering.loading import device_map_for, load_base_model
 from destein_pl.steering.model import SteeredCausalLM
+from destein_pl.steering.sharding import load_sharded, world_mesh
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +90,25 @@ class DeSteinModule(L.LightningModule):
                                             **kwargs)
 
     def configure_model(self) -> None:
-        if self.steered is None:
-            model, tokenizer = load_base_model(self.hparams.base_model, dtype=self.hparams.dtype)
-            self.steered = SteeredCausalLM(model, tokenizer, base_model=self.hparams.base_model)
+        """Load the base model once per process, straight onto this process's device in the requested dtype; under
+        `destein_fsdp`, sharded over the processes."""
+        if self.steered is not None:
+            return
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDPStrategy):
+            raise TypeError("Lightning's `fsdp` strategy would gather the whole model at once; use "
+                            "--trainer.strategy destein_fsdp (one FSDP2 unit per decoder layer)")
+        base, dtype = self.hparams.base_model, self.hparams.dtype
+        if isinstance(strategy, DeSteinFSDPStrategy):
+            model, tokenizer = load_sharded(base, world_mesh(strategy.root_device), strategy.root_device, dtype,
+                                            strategy.reshard_after_forward)
+        else:
+            device = strategy.root_device if strategy is not None else None
+            model, tokenizer = load_base_model(base, dtype=dtype, device_map=device_map_for(device))
+        self.steered = SteeredCausalLM(model, tokenizer, base_model=base)
+        # Every process loaded the same frozen weights: DDP must not broadcast them (26 GB for a 13B model).
+        self._ddp_params_and_buffers_to_ignore = [
+            name for name, _ in (*self.named_parameters(), *self.named_buffers()) if name != "ddp_anchor"]
 
     def configure_optimizers(self) -> None:
         return None
@@ -145,8 +164,10 @@ class DeSteinModule(L.LightningModule):
 
     # ---- evaluation --------------------------------------------------------------------------------------
     def on_test_start(self) -> None:
+        strategy = self.trainer.strategy
+        mesh = world_mesh(strategy.root_device) if self.trainer.world_size > 1 else None
         self.evaluator = Evaluator(self.steered, self.evaluation, rank=self.global_rank,
-                                   world_size=self.trainer.world_size, barrier=self.trainer.strategy.barrier)
+                                   world_size=self.trainer.world_size, barrier=strategy.barrier, mesh=mesh)
         loaders = self.trainer.test_dataloaders
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
         self.evaluator.start(loader.dataset.prompts)

@@ -12,7 +12,14 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from destein_pl.files import cache_dir
 from destein_pl.steering.architectures import architecture_for
@@ -124,18 +131,9 @@ def _source(name_or_path: str | os.PathLike) -> tuple[str, dict]:
     return name, {}
 
 
-def load_base_model(
-    name_or_path: str | os.PathLike,
-    dtype: str | torch.dtype | None = None,
-    device_map: str | dict | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM that the steering supports, with its tokenizer set up for batched generation.
-
-    `name_or_path` is a built-in name (`smollm2-135m`), a path to a `.gguf` file, a local Hugging Face model
-    folder or a hub model id. `dtype` is None (as stored), a torch dtype or a name in `DTYPES`; `device_map` is
-    passed to `from_pretrained` (e.g. "auto" to spread a large model over several GPUs).
-    """
-    torch_dtype = resolve_dtype(dtype)
+def resolve_model(name_or_path: str | os.PathLike) -> tuple[str, dict, PretrainedConfig]:
+    """Where `from_pretrained` reads a model from, its extra arguments and its config, with clear errors for bad
+    input; checks the family is supported before any weight is read."""
     source, extra = _source(name_or_path)
     try:
         config = AutoConfig.from_pretrained(source, **extra)
@@ -144,7 +142,29 @@ def load_base_model(
             f"unknown model {os.fspath(name_or_path)!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}), "
             f"not an existing .gguf file or model folder, and not loadable as a Hugging Face model id ({err})"
         ) from err
-    architecture_for(config)  # fail before loading any weights
+    architecture_for(config)
+    return source, extra, config
+
+
+def load_tokenizer(source: str, extra: dict) -> PreTrainedTokenizerBase:
+    """The tokenizer of a resolved model (`resolve_model`), set up for batched generation."""
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(source, **extra))
+
+
+def load_base_model(
+    name_or_path: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM that the steering supports, with its tokenizer set up for batched generation.
+
+    `name_or_path` is a built-in name (`smollm2-135m`), a path to a `.gguf` file, a local Hugging Face model
+    folder or a hub model id. `dtype` is None (as stored), a torch dtype or a name in `DTYPES`; the weights are
+    read in that dtype (no float32 copy). `device_map` is passed to `from_pretrained`: `{"": device}` reads them
+    straight onto one device (no full copy in host memory), "auto" spreads a large model over several GPUs.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    source, extra, _ = resolve_model(name_or_path)
     kwargs = dict(extra)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
@@ -152,7 +172,14 @@ def load_base_model(
         kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     model.eval()
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source, **extra))
+    tokenizer = load_tokenizer(source, extra)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.destein_source = os.fspath(name_or_path)  # how checkpoints and reports name the model
     return model, tokenizer
+
+
+def device_map_for(device: torch.device | str | None) -> dict | None:
+    """`device_map` that loads a model straight onto `device` (None for the CPU: `from_pretrained`'s default)."""
+    if device is None or torch.device(device).type == "cpu":
+        return None
+    return {"": torch.device(device)}

@@ -1,0 +1,183 @@
+"""What a GPU changes, checked in one run of a few minutes on a machine with a CUDA GPU.
+
+    python benchmarks/gpu_check.py --prompts PATH/rtp_test_100.jsonl [--device cuda] [--out runs/gpu_check]
+
+1. Steering on the device, float32 and bfloat16, for every supported family (tiny random models): zero steering
+   gives the base model's logits bit for bit; the steered logits against an independent computation (plain hooks
+   adding alpha * w * v); the folded model against the live-steered one.
+2. A short `destein test` of the shipped checkpoint on the embedded model in bfloat16 (10 prompts).
+3. The evaluation sampler's tokens/s against `generate(num_return_sequences=25)` on the same prompts.
+4. Whether a prompt's continuations are the same in a batch of 1 and of 4 on this device (CPU kernels keep it;
+   GPU kernels may not: reported, not assumed).
+
+Prints markdown tables (with the device's name); `--device cpu` runs the same checks on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from destein_pl import SteeredCausalLM, architecture_for
+from destein_pl.evaluation.prompts import PromptsConfig, load_prompts
+from destein_pl.evaluation.sampling import PromptSampler, end_token_ids
+from destein_pl.steering.folding import fold
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.conftest import TINY_CONFIGS  # noqa: E402  (the tiny configs of the test suite)
+
+CHECKPOINT = REPO / "checkpoints" / "smollm2-135m-paradetox.ckpt"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def hand_steered_logits(model, vectors, weights, alpha, batch) -> torch.Tensor:
+    """Logits of an unwrapped copy with a plain pre-hook adding alpha * w * v at each output projection."""
+    arch = architecture_for(model.config)
+    hooks = []
+    for projection, v, w in zip(arch.projections(model), vectors, weights):
+        offset = (alpha * w[:, None] * v).reshape(-1)
+        hooks.append(projection.register_forward_pre_hook(
+            lambda m, args, o=offset: (args[0] + o.to(args[0]), *args[1:])))
+    try:
+        return model(**batch).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@torch.no_grad()
+def steering_checks(device: str) -> list[str]:
+    lines = ["| family | dtype | zero steering = base | max abs(steered - hand) | max abs(folded - live) |",
+             "|---|---|---|---:|---:|"]
+    for family, make_config in TINY_CONFIGS.items():
+        for dtype_name, dtype in DTYPES.items():
+            torch.manual_seed(0)
+            config = make_config()
+            base = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval().to(device, dtype)
+            ids = torch.randint(3, config.vocab_size, (4, 12), device=device)
+            mask = torch.ones_like(ids)
+            mask[0, :5] = mask[1, :2] = 0  # left padding
+            batch = architecture_for(config).padded_inputs(ids, mask)
+            expected_base = base(**batch).logits
+            steered = SteeredCausalLM(copy.deepcopy(base))
+            zero_equal = torch.equal(steered(**batch).logits, expected_base)
+            vectors = torch.randn(steered.num_layers, steered.num_heads, steered.head_dim)
+            weights = torch.rand(steered.num_layers, steered.num_heads)
+            steered.set_steering(vectors, weights, alpha=0.7)
+            live = steered(**batch).logits
+            hand = hand_steered_logits(base, vectors.to(device), weights.to(device), 0.7, batch)
+            real = mask.bool()
+            folded = fold(steered)(**batch).logits
+            lines.append(f"| {family} | {dtype_name} | {zero_equal} | {(live - hand)[real].abs().max().item():.2e} | "
+                         f"{(folded - live)[real].abs().max().item():.2e} |")
+    return lines
+
+
+def destein_test(device: str, prompts: Path, out: Path) -> list[str]:
+    accelerator = "gpu" if device.startswith("cuda") else "cpu"
+    cmd = [sys.executable, "-m", "destein_pl.lightning.cli", "test", "--config", str(REPO / "configs" / "smollm2-135m.yaml"),
+           "--ckpt_path", str(CHECKPOINT), "--model.dtype", "bfloat16", "--data.prompts.source", str(prompts),
+           "--data.prompts.n", "10", "--model.evaluation.output_dir", str(out / "test"),
+           "--trainer.accelerator", accelerator, "--trainer.devices", "1", "--trainer.logger", "false"]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    seconds = time.perf_counter() - started
+    if done.returncode:
+        return [f"`destein test` failed ({done.returncode}):", "```", done.stderr[-3000:], "```"]
+    return [f"`destein test`, 10 prompts x 25 samples, bfloat16: {seconds:.0f} s in all", "",
+            (out / "test" / "results.md").read_text()]
+
+
+@torch.no_grad()
+def sampler_speed(steered, prompts, samples: int, tokens: int, repeats: int) -> list[str]:
+    sampler = PromptSampler(steered, samples, tokens, seed=0)
+    sampler.fix_width(prompts)
+    tokenizer = steered.tokenizer
+    eos = end_token_ids(steered.generation_config, tokenizer)
+
+    def ours() -> int:
+        made = sampler(prompts)
+        return sum(len(row) for rows in made.tokens for row in rows)
+
+    def hf() -> int:
+        count = 0
+        for prompt in prompts:
+            ids = tokenizer(prompt.text, return_tensors="pt").to(steered.device)
+            out = steered.generate(**ids, do_sample=True, top_p=0.9, max_new_tokens=tokens,
+                                   num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id)
+            for row in out[:, ids["input_ids"].shape[1]:].tolist():
+                count += next((i for i, t in enumerate(row) if t in eos), len(row))
+        return count
+
+    lines = [f"| generator | tokens/s (median of {repeats}) | spread |", "|---|---:|---|"]
+    rates = {}
+    for name, run in (("evaluation sampler (all prompts in one batch)", ours),
+                      (f"generate(num_return_sequences={samples}), per prompt", hf)):
+        run()  # warm-up
+        measured = []
+        for _ in range(repeats):
+            if steered.device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            count = run()
+            if steered.device.type == "cuda":
+                torch.cuda.synchronize()
+            measured.append(count / (time.perf_counter() - started))
+        rates[name] = statistics.median(measured)
+        lines.append(f"| {name} | {rates[name]:.0f} | {min(measured):.0f} - {max(measured):.0f} |")
+    ours_rate, hf_rate = rates.values()
+    lines.append(f"\nratio sampler / generate: {ours_rate / hf_rate:.2f}")
+    return lines
+
+
+@torch.no_grad()
+def batch_invariance(steered, prompts, samples: int, tokens: int) -> str:
+    sampler = PromptSampler(steered, samples, tokens, seed=0)
+    sampler.fix_width(prompts)
+    together = sampler(prompts).texts
+    alone = [sampler([p]).texts[0] for p in prompts]
+    same = sum(a == b for a, b in zip(together, alone))
+    return f"{same} of {len(prompts)} prompts have the same {samples} continuations in a batch of 1 and of 4"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=Path, required=True, help="RealToxicityPrompts JSONL (e.g. a 100-prompt sample)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "gpu_check")
+    parser.add_argument("--samples", type=int, default=25)
+    parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-test", action="store_true", help="skip the `destein test` run")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    print(f"# GPU check on {name} ({args.device}), torch {torch.__version__}\n")
+    print("## Steering on the device\n")
+    print("\n".join(steering_checks(args.device)))
+    if not args.skip_test:
+        print("\n## `destein test` on the embedded model, bfloat16\n")
+        print("\n".join(destein_test(args.device, args.prompts, args.out)))
+    prompts = load_prompts(PromptsConfig(str(args.prompts), n=4, seed=0))
+    for dtype_name in DTYPES:
+        steered = SteeredCausalLM.from_checkpoint(CHECKPOINT, dtype=dtype_name, device_map={"": device})
+        steered.model.set_attn_implementation("eager")
+        print(f"\n## Sampler speed, {dtype_name}, {len(prompts)} prompts x {args.samples} samples x {args.tokens} tokens\n")
+        print("\n".join(sampler_speed(steered, prompts, args.samples, args.tokens, args.repeats)))
+        print(f"\n## Batch 1 vs 4, {dtype_name}\n")
+        print(batch_invariance(steered, prompts, args.samples, args.tokens))
+        del steered
+
+
+if __name__ == "__main__":
+    main()
