@@ -20,6 +20,8 @@ from destein_pl.calibration.pairs import NONTOXIC_CUE, TOXIC_CUE, PairsDataset, 
 from destein_pl.calibration.probes import HeadProbes, fit_head_probes
 from destein_pl.calibration.vectors import HeadWeights, head_weights, steering_vectors
 from destein_pl.steering.checkpoint import FORMAT, architecture_signature, save_steering
+from destein_pl.steering.fusion import Fusion, check_fusion
+from destein_pl.steering.gating import GateProbes, GateSettings, as_gate_settings
 from destein_pl.steering.model import SteeredCausalLM
 
 SIDES = ("toxic", "nontoxic")
@@ -36,6 +38,10 @@ class CalibrationOptions:
         last_k: activations are averaged over each text's last k tokens.
         val_fraction: share of pairs held out to measure probe accuracy (paper: 4:1 split, 0.2).
         probe_seed: seed of that split.
+        fusion: how vectors and activations combine at inference: `paper` (`h + alpha * w * v`, the default),
+            `norm_preserving` or `published` (the authors' code); see `destein_pl.steering.fusion`.
+        gate: whether and how the calibrated probes gate the steering per row (`GateSettings`, a dict of its
+            fields, or a mode name; default `none`: steer every context); see `destein_pl.steering.gating`.
     """
 
     alpha: float = 0.4
@@ -44,8 +50,12 @@ class CalibrationOptions:
     last_k: int = 8
     val_fraction: float = 0.2
     probe_seed: int = 0
+    fusion: Fusion = "paper"
+    gate: GateSettings = field(default_factory=GateSettings)
 
     def __post_init__(self) -> None:
+        check_fusion(self.fusion)
+        self.gate = as_gate_settings(self.gate)
         if self.head_weights not in ("probe", "uniform"):
             raise ValueError(f"head_weights must be 'probe' or 'uniform', got {self.head_weights!r}")
         if self.last_k < 1:
@@ -58,7 +68,8 @@ class CalibrationOptions:
             raise ValueError(f"alpha must be a finite number, got {self.alpha}")
 
     def metadata(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("head_weights", "top_k_heads", "last_k", "val_fraction", "probe_seed")}
+        keys = ("head_weights", "top_k_heads", "last_k", "val_fraction", "probe_seed", "fusion")
+        return {**{k: getattr(self, k) for k in keys}, "gate": self.gate.metadata()}
 
 
 @dataclass
@@ -82,8 +93,11 @@ class Calibration:
         return self.options.alpha
 
     def apply(self, steered: SteeredCausalLM, alpha: float | None = None) -> SteeredCausalLM:
-        """Set this steering on a model (at `alpha`, default the calibrated one) and return the model."""
+        """Set this steering (with its fusion variant and gate) on a model (at `alpha`, default the calibrated one)
+        and return the model."""
         steered.set_steering(self.vectors, self.head_weights, self.alpha if alpha is None else alpha)
+        steered.fusion = self.options.fusion
+        steered.set_gate(self.options.gate, GateProbes(self.probes.coef, self.probes.intercept, self.probes.accuracy))
         return steered
 
     def metadata(self, steered: SteeredCausalLM) -> dict[str, Any]:
@@ -130,6 +144,8 @@ class Calibrator:
         self.options = options or CalibrationOptions()
         self._recorded: dict[str, list[Tensor]] = {side: [] for side in SIDES}
         self._indices: list[Tensor] = []
+        steered.set_gate(None)
+        steered.fusion = "paper"
         steered.set_steering(torch.zeros(steered.num_layers, steered.num_heads, steered.head_dim),
                              torch.zeros(steered.num_layers, steered.num_heads), alpha=0.0)
 

@@ -9,6 +9,8 @@ from destein_pl.steering.architectures import (
 )
 from destein_pl.steering.checkpoint import CheckpointError, CheckpointMismatchError, read_checkpoint, save_steering
 from destein_pl.steering.export import ExportError
+from destein_pl.steering.fusion import FUSIONS
+from destein_pl.steering.gating import GATE_MODES, GateProbes, GateSettings
 from destein_pl.steering.loading import BUILTIN_MODELS, load_base_model
 from destein_pl.steering.model import SteeredCausalLM
 
@@ -19,6 +21,10 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "ExportError",
+    "FUSIONS",
+    "GATE_MODES",
+    "GateProbes",
+    "GateSettings",
     "SteeredCausalLM",
     "UnsupportedArchitectureError",
     "architecture_for",

@@ -6,6 +6,10 @@ Two files carry the same content:
   without Lightning.
 Loading never unpickles arbitrary objects (`torch.load(weights_only=True)` or safetensors), checks that the
 checkpoint was made for the model's architecture, and refuses non-finite tensors.
+
+The fusion variant and the gate settings are metadata (`options.fusion`, `options.gate`); the gate's probes are the
+`probe_*` tensors (`probes.probe_*` in a `.ckpt`) that every checkpoint carries. Checkpoints written before those
+options existed load as `fusion: paper`, `gate: none`: exactly the steering they had.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from destein_pl.files import atomic_path, write_atomic
+from destein_pl.steering.gating import GateProbes, GateSettings
 from destein_pl.steering.loading import load_base_model
 
 if TYPE_CHECKING:
@@ -158,6 +163,7 @@ def apply_checkpoint_state(
     check_signature(metadata, steered, source)
     tensors = {_renamed(k): v for k, v in tensors.items()}
     check_finite(tensors, source)
+    apply_steering_options(steered, tensors, metadata, source)
     if "vectors" in tensors:
         steered.set_steering(tensors["vectors"], tensors["head_weights"], float(tensors["alpha"]))
         return
@@ -172,12 +178,32 @@ def apply_checkpoint_state(
         )
 
 
+def apply_steering_options(
+    steered: SteeredCausalLM, tensors: dict[str, Tensor], metadata: dict[str, Any], source: str | Path
+) -> None:
+    """Set the checkpoint's fusion variant, probes and gate on a model (`paper`, `none` where it names none)."""
+    options = metadata.get("options") or {}
+    try:
+        probes = GateProbes.from_tensors(tensors)
+        gate = GateSettings.from_metadata(options.get("gate"))
+        if gate.enabled and probes is None:
+            raise ValueError(f"gate {gate.mode!r} needs the probes, and the checkpoint has none")
+        steered.set_gate(None)
+        steered.gate_probes = None
+        steered.fusion = options.get("fusion", "paper")
+        steered.set_gate(gate, probes)
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}") from err
+
+
 def load_steered(
     cls: type[SteeredCausalLM],
     path: str | Path,
     alpha: float | None = None,
     dtype: str | torch.dtype | None = None,
     device_map: str | dict | None = None,
+    fusion: str | None = None,
+    gate: GateSettings | dict | str | None = None,
 ) -> SteeredCausalLM:
     """Load the base model named in a steering checkpoint, steer it with the checkpoint, and return it."""
     tensors, metadata = read_checkpoint(path)
@@ -189,4 +215,8 @@ def load_steered(
     apply_checkpoint_state(steered, tensors, metadata, path)
     if alpha is not None:
         steered.alpha = alpha
+    if fusion is not None:
+        steered.fusion = fusion
+    if gate is not None:
+        steered.set_gate(gate)
     return steered

@@ -33,7 +33,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from destein_pl.files import write_atomic
 from destein_pl.steering.architectures import Architecture
 from destein_pl.steering.checkpoint import read_checkpoint
-from destein_pl.steering.folding import add_zero_biases, fold, has_steering
+from destein_pl.steering.folding import add_zero_biases, check_foldable, fold, has_steering
 from destein_pl.steering.gguf_export import export_gguf
 from destein_pl.steering.loading import DTYPES
 from destein_pl.steering.model import SteeredCausalLM
@@ -77,6 +77,8 @@ def export(
     _, metadata = read_checkpoint(ckpt)
     if metadata is None or "base_model" not in metadata:
         raise ValueError(f"ckpt_path: {ckpt} is not a destein-pl steering checkpoint (no base model recorded)")
+    options = metadata.get("options") or {}
+    check_foldable(options.get("fusion", "paper"), (options.get("gate") or {}).get("mode", "none"))
     run_results = read_results(results_path) if results_path else None
     with staged_folder(target, overwrite) as folder:
         if format == "gguf":

@@ -8,6 +8,10 @@ the weights' dtype). Where the family's stock class has a config flag that creat
 `save_pretrained` writes a folder the stock class loads; where the stock class has no slot at all (Mistral, Qwen2,
 MPT) the bias works in memory only, and `destein_pl.steering.export` writes an equivalent stock architecture or
 refuses. A steering that is all zero (alpha 0) folds to the base model itself: no bias is added, no weight changes.
+
+Only the paper's fusion without a gate is a constant bias: a gated steering depends on the context, and the
+`norm_preserving` and `published` fusions are non-linear in the activations, so `fold` refuses them
+(`NotFoldableError`, naming the option).
 """
 
 from __future__ import annotations
@@ -20,10 +24,26 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from destein_pl.steering.architectures import Architecture
+from destein_pl.steering.fusion import CONSTANT_FUSIONS
 from destein_pl.steering.model import SteeredAttention, SteeredCausalLM
 
 STEER_BUFFERS = ("steer_vectors", "steer_head_weights", "steer_alpha")
-STEER_ATTRIBUTES = ("steer_layer_idx", "steer_recorder")
+STEER_ATTRIBUTES = ("steer_layer_idx", "steer_recorder", "steer_fusion", "steer_gate", "steer_tap")
+_STEER_HOOKS = (SteeredAttention._steer_projection_input, SteeredAttention._steer_projection_output)
+
+
+class NotFoldableError(ValueError):
+    """A steering that is not a constant bias on the output projections (a gate, or a non-linear fusion)."""
+
+
+def check_foldable(fusion: str = "paper", gate: str = "none") -> None:
+    """Refuse, naming the option, a fusion variant or gate mode that cannot be folded into a bias."""
+    if fusion not in CONSTANT_FUSIONS:
+        raise NotFoldableError(f"cannot fold fusion={fusion!r} into a bias: it is not a constant offset (it depends on "
+                               f"each activation); only fusion='paper' folds. Serve it with destein-pl instead")
+    if gate != "none":
+        raise NotFoldableError(f"cannot fold gate={gate!r} into a bias: a probe-gated steering depends on the context; "
+                               f"only gate='none' folds. Serve it with destein-pl instead")
 
 
 def fold(steered: SteeredCausalLM, inplace: bool = False) -> PreTrainedModel:
@@ -34,6 +54,7 @@ def fold(steered: SteeredCausalLM, inplace: bool = False) -> PreTrainedModel:
     model itself is restored to its original attention classes and folded (no second copy in memory, e.g. for
     export); `steered` must not be used afterwards.
     """
+    check_foldable(steered.fusion, steered.gate.mode)
     steering = has_steering(steered)
     model = steered.model if inplace else copy.deepcopy(steered.model)
     architecture = steered.architecture
@@ -56,11 +77,14 @@ def has_steering(steered: SteeredCausalLM) -> bool:
 
 
 def unwrap_block(block: SteeredAttention, projection: nn.Module) -> None:
-    """Restore a steered attention block to its original class: remove its hook and its buffers."""
-    for key, hook in list(projection._forward_pre_hooks.items()):
-        if getattr(hook, "__func__", None) is SteeredAttention._steer_projection_input and hook.__self__ is block:
-            del projection._forward_pre_hooks[key]
-            projection._forward_pre_hooks_with_kwargs.pop(key, None)
+    """Restore a steered attention block to its original class: remove its hooks and its buffers."""
+    for hooks, with_kwargs in ((projection._forward_pre_hooks, projection._forward_pre_hooks_with_kwargs),
+                               (projection._forward_hooks, projection._forward_hooks_with_kwargs)):
+        for key, hook in list(hooks.items()):
+            if getattr(hook, "__func__", None) in _STEER_HOOKS and hook.__self__ is block:
+                del hooks[key]
+                with_kwargs.pop(key, None)
+                projection._forward_hooks_always_called.pop(key, None)
     for name in (*STEER_BUFFERS, *STEER_ATTRIBUTES):
         delattr(block, name)
     block.__class__ = original_class(type(block))

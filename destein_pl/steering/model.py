@@ -8,6 +8,11 @@ the block's output projection, i.e. the concatenated per-head outputs, at every 
 
 with `v` the head's detoxification vector and `w` its weight (its probe's validation accuracy, or 1 for uniform
 weighting). With all buffers at zero (the initial state) the model computes exactly what the base model computes.
+
+Two options change that formula (both off by default, where the model computes exactly the formula above):
+`fusion` selects how the vectors are combined with the activations (`paper`, `norm_preserving`, `published`;
+`destein_pl.steering.fusion`), and `gate` scales each row's alpha by how toxic the calibrated probes find its
+context (`destein_pl.steering.gating`).
 """
 
 from __future__ import annotations
@@ -21,15 +26,22 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from destein_pl.steering import fusion as fusions
 from destein_pl.steering.activations import LastTokensRecorder
 from destein_pl.steering.architectures import Architecture, architecture_for
 from destein_pl.steering.checkpoint import load_steered
+from destein_pl.steering.gating import GateProbes, GateSettings, ProbeGate, as_gate_settings
 
 Recorder = Callable[[int, Tensor], None]
 
 
 class SteeredAttention(nn.Module):
-    """Mixin of the generated attention subclasses; holds the steering buffers of one layer."""
+    """Mixin of the generated attention subclasses; holds the steering buffers of one layer.
+
+    Besides the buffers, plain attributes: `steer_fusion` (the fusion variant), `steer_gate` (the gate `[batch, seq]`
+    of the current forward, set and cleared by the model's `ProbeGate`; None: ungated) and `steer_tap` (set only
+    during the gate's unsteered shadow pass: it reads the projection input, and nothing is steered).
+    """
 
     steer_vectors: Tensor
     steer_head_weights: Tensor
@@ -42,20 +54,42 @@ class SteeredAttention(nn.Module):
         self.register_buffer("steer_vectors", torch.zeros(num_heads, head_dim, device=weight.device))
         self.register_buffer("steer_head_weights", torch.zeros(num_heads, device=weight.device))
         self.register_buffer("steer_alpha", torch.zeros((), device=weight.device))
-        # A bound method (not a closure) so that copy.deepcopy rebinds the hook to the copied block.
+        self.steer_fusion: str = "paper"
+        self.steer_gate: Tensor | None = None
+        self.steer_tap: Callable[[int, Tensor], None] | None = None
+        # Bound methods (not closures) so that copy.deepcopy rebinds the hooks to the copied block.
         projection.register_forward_pre_hook(self._steer_projection_input)
+        projection.register_forward_hook(self._steer_projection_output)
 
     def steering_offset(self) -> Tensor:
         """The vector added to the projection input, `[num_heads * head_dim]`, in float32."""
         weighted = self.steer_alpha.float() * self.steer_head_weights.float()[:, None] * self.steer_vectors.float()
         return weighted.reshape(-1)
 
-    def _steer_projection_input(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    def _steer_projection_input(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         hidden, *rest = args
-        hidden = hidden + self.steering_offset().to(device=hidden.device, dtype=hidden.dtype)
+        if self.steer_tap is not None:  # the gate's shadow pass: read the unsteered activations, steer nothing
+            self.steer_tap(self.steer_layer_idx, hidden)
+            return None
+        fusion, gate = self.steer_fusion, self.steer_gate
+        if fusion == "paper" and gate is None:
+            hidden = hidden + self.steering_offset().to(device=hidden.device, dtype=hidden.dtype)
+        elif fusion == "paper":
+            hidden = fusions.paper(hidden, self.steering_offset(), gate)
+        elif fusion == "norm_preserving":
+            hidden = fusions.norm_preserving(hidden, self.steering_offset(), self.steer_vectors.shape[0], gate)
         if self.steer_recorder is not None:
             self.steer_recorder(self.steer_layer_idx, hidden)
         return (hidden, *rest)
+
+    def _steer_projection_output(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        """The `published` fusion, which acts on the projection output; nothing for the other variants."""
+        if self.steer_fusion != "published" or self.steer_tap is not None:
+            return None
+        if float(self.steer_alpha) == 0 or not self.steer_vectors.any():
+            return None  # zero steering is the base model exactly
+        direction = fusions.published_direction(module, self.steer_vectors, self.steer_head_weights)
+        return fusions.published(output, direction, self.steer_alpha, self.steer_gate)
 
 
 _STEERED_CLASSES: dict[type, type] = {}
@@ -109,6 +143,10 @@ class SteeredCausalLM(nn.Module):
                 )
             block.__class__ = _steered_class(type(block))
             block._init_steering(layer_idx, self.num_heads, self.head_dim, projection)
+        self.gate_probes: GateProbes | None = None
+        """The calibrated probes the gate reads (set by calibration or a checkpoint that has them)."""
+        self._gate_settings = GateSettings()
+        self._gate: ProbeGate | None = None
 
     @property
     def blocks(self) -> list[SteeredAttention]:
@@ -159,6 +197,57 @@ class SteeredCausalLM(nn.Module):
             raise ValueError(f"alpha must be a finite number, got {value}")
         for block in self.blocks:
             block.steer_alpha.fill_(value)
+
+    @property
+    def fusion(self) -> str:
+        """How the vectors are combined with the activations: `paper` (default), `norm_preserving` or `published`
+        (see `destein_pl.steering.fusion`)."""
+        return self.blocks[0].steer_fusion
+
+    @fusion.setter
+    def fusion(self, value: str) -> None:
+        fusions.check_fusion(value)
+        if value == "published" and self.config.hidden_size != self.num_heads * self.head_dim:
+            raise ValueError(f"fusion='published' slices the attention output into heads, which needs hidden_size == "
+                             f"num_heads * head_dim; this model has {self.config.hidden_size} != "
+                             f"{self.num_heads} * {self.head_dim}")
+        for block in self.blocks:
+            block.steer_fusion = value
+
+    @property
+    def gate(self) -> GateSettings:
+        """How the calibrated probes gate the steering (`mode` `none`: not at all; see `set_gate`)."""
+        return self._gate_settings
+
+    @gate.setter
+    def gate(self, value: GateSettings | dict | str | None) -> None:
+        self.set_gate(value)
+
+    def set_gate(self, settings: GateSettings | dict | str | None, probes: GateProbes | None = None) -> None:
+        """Gate the steering by the probes (`destein_pl.steering.gating`): settings, a dict of them, a mode name
+        (`none`, `hard`, `smooth`) or None (`none`). `probes` replaces `gate_probes`; a gate needs them."""
+        settings = as_gate_settings(settings)
+        if probes is not None:
+            if tuple(probes.coef.shape) != (self.num_layers, self.num_heads, self.head_dim):
+                raise ValueError(f"probes must have coef [num_layers, num_heads, head_dim] = "
+                                 f"{[self.num_layers, self.num_heads, self.head_dim]}, got {list(probes.coef.shape)}")
+            self.gate_probes = probes
+        gate = None
+        if settings.enabled:
+            if self.gate_probes is None:
+                raise ValueError(f"gate={settings.mode!r} needs the calibrated probes; calibrate, or load a checkpoint "
+                                 "that has them (probe_coef, probe_intercept, probe_accuracy)")
+            gate = ProbeGate(self.model, self.architecture, settings, self.gate_probes)
+        if self._gate is not None:
+            self._gate.remove()
+        self._gate, self._gate_settings = gate, settings
+
+    def gate_values(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """`(gate, score)`, each `[batch, seq]`: what the gate would apply at every position of whole sequences, and
+        the probes' score it comes from, from the unsteered model (whatever alpha is)."""
+        if self._gate is None:
+            raise ValueError("the gate is off (mode 'none'); set_gate(...) first")
+        return self._gate.values(input_ids, attention_mask)
 
     @torch.no_grad()
     def set_steering(self, vectors: Tensor, head_weights: Tensor, alpha: float | None = None) -> None:
@@ -212,13 +301,16 @@ class SteeredCausalLM(nn.Module):
         alpha: float | None = None,
         dtype: str | torch.dtype | None = None,
         device_map: str | dict | None = None,
+        fusion: str | None = None,
+        gate: GateSettings | dict | str | None = None,
     ) -> SteeredCausalLM:
         """A ready-to-generate steered model from a `.ckpt` or `.safetensors` steering checkpoint.
 
         Loads the base model the checkpoint names (in its dtype unless `dtype` is given), checks the checkpoint
-        was made for that architecture, and applies its steering; `alpha` overrides the stored strength.
+        was made for that architecture, and applies its steering, fusion and gate (checkpoints without them: `paper`,
+        `none`); `alpha`, `fusion` and `gate` override the stored ones.
         """
-        return load_steered(cls, path, alpha=alpha, dtype=dtype, device_map=device_map)
+        return load_steered(cls, path, alpha=alpha, dtype=dtype, device_map=device_map, fusion=fusion, gate=gate)
 
     def fold(self, inplace: bool = False) -> PreTrainedModel:
         """An ordinary Hugging Face model computing what this one computes, the steering folded into the attention
