@@ -16,6 +16,7 @@ from destein_pl.steering.folding import NotFoldableError, fold
 from destein_pl.steering.gating import GateProbes, GateSettings, GateStateError
 from tests.conftest import FAMILIES, VOCAB, tiny_model
 from tests.test_fusion import plain_projections
+from tests.test_steering import left_pad
 
 ALPHA = 0.6
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
@@ -39,15 +40,6 @@ def random_probes(steered: SteeredCausalLM, seed: int = 3, scale: float = 1.0) -
     L, H, D = steered.num_layers, steered.num_heads, steered.head_dim
     accuracy = torch.randperm(L * H, generator=g).float().reshape(L, H) / (L * H)  # distinct: no ties
     return GateProbes(scale * torch.randn(L, H, D, generator=g), 0.1 * torch.randn(L, H, generator=g), accuracy)
-
-
-def left_pad(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
-    return ids, mask
 
 
 def separating_threshold(scores: torch.Tensor) -> float:

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from destein_pl.evaluation.perplexity import continuation_nll
 from destein_pl.steering.architectures import architecture_for
-from destein_pl.steering.sharding import drain, is_sharded, load_sharded, world_mesh
+from destein_pl.steering.sharding import Lockstep, drain, load_sharded, world_mesh
 
 TEXTS = ["the cat sat on", "you are a", "one two three four five"]
 
@@ -32,7 +32,7 @@ def _worker(rank: int, init_file: str, model_dir: str, out_dir: str) -> None:
         out["nll"] = [continuation_nll(model, architecture_for(model.config), tokenizer(p)["input_ids"], ids,
                                        tokenizer.pad_token_id, batch_size=1) for p in prompts]
         out["empty_calls"] = drain(model)
-        out["sharded"] = is_sharded(model)
+        out["sharded"] = isinstance(model.destein_lockstep, Lockstep)
         out["dtensors"] = [type(p).__name__ == "DTensor" for p in model.parameters()]
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:

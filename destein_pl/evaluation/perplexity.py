@@ -119,7 +119,6 @@ class PerplexityJudge:
             model, tokenizer = load_sharded(name_or_path, mesh, steered.device, dtype)
         else:
             model, tokenizer = load_base_model(name_or_path, dtype=dtype, device_map=device_map_for(steered.device))
-            model.to(steered.device)
         return cls(steered, model, tokenizer, batch_size)
 
     def finish_calls(self) -> None:

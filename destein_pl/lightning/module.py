@@ -19,8 +19,8 @@ from destein_pl.evaluation.config import EvaluationConfig
 from destein_pl.evaluation.evaluator import Evaluator
 from destein_pl.evaluation.metrics import METRIC_NAMES
 from destein_pl.evaluation.runs import SUBSETS
-from destein_pl.steering.checkpoint import METADATA_KEY, STEER_KEY_MARK, apply_checkpoint_state
 from destein_pl.lightning.strategies import DeSteinFSDPStrategy
+from destein_pl.steering.checkpoint import METADATA_KEY, STEER_KEY_MARK, apply_checkpoint_state
 from destein_pl.steering.fusion import Fusion
 from destein_pl.steering.gating import GateMode, GateSettings
 from destein_pl.steering.loading import device_map_for, load_base_model
@@ -194,7 +194,8 @@ class DeSteinModule(L.LightningModule):
     # ---- evaluation --------------------------------------------------------------------------------------
     def on_test_start(self) -> None:
         strategy = self.trainer.strategy
-        mesh = world_mesh(strategy.root_device) if self.trainer.world_size > 1 else None
+        shard = self.evaluation.shard_perplexity_model and self.trainer.world_size > 1
+        mesh = world_mesh(strategy.root_device) if shard else None
         self.evaluator = Evaluator(self.steered, self.evaluation, rank=self.global_rank,
                                    world_size=self.trainer.world_size, barrier=strategy.barrier, mesh=mesh)
         loaders = self.trainer.test_dataloaders

@@ -84,10 +84,6 @@ def drain(model: nn.Module | None) -> int:
     return 0 if lockstep is None else lockstep.drain()
 
 
-def is_sharded(model: nn.Module | None) -> bool:
-    return getattr(model, "destein_lockstep", None) is not None
-
-
 def _from_rank0(value: Any, group: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, group_src=0, group=group)
