@@ -3,6 +3,7 @@ is monotone in their score, keeps rows independent of their batch neighbours, an
 one. Old checkpoints load as before."""
 
 import copy
+import hashlib
 import json
 from pathlib import Path
 
@@ -389,3 +390,24 @@ def test_shipped_checkpoints_give_the_logits_they_gave_before_gating_existed(nam
                             return_tensors="pt", padding=True)
     _, score = gated.gate_values(batch["input_ids"], batch["attention_mask"])
     assert score[0, -1] > score[1, -1]  # the real model's probes find the insult more toxic
+
+
+def test_a_gate_or_fusion_changes_which_stored_generations_a_rerun_reuses():
+    from destein_pl.evaluation.evaluator import steering_digest
+
+    steered = steered_tiny("llama")
+    steered.set_gate("none", random_probes(steered))
+    plain = steering_digest(steered)
+    # the default options keep the digest of vectors and head weights alone, so runs made before them still resume
+    expected = hashlib.sha256()
+    for tensor in (steered.vectors, steered.head_weights):
+        expected.update(tensor.float().contiguous().numpy().tobytes())
+    assert plain == expected.hexdigest()
+    digests = {plain}
+    for settings in ({"mode": "smooth"}, {"mode": "smooth", "threshold": 0.4}, {"mode": "hard"}):
+        steered.set_gate(settings)
+        digests.add(steering_digest(steered))
+    steered.set_gate("none")
+    steered.fusion = "norm_preserving"
+    digests.add(steering_digest(steered))
+    assert len(digests) == 5

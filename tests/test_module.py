@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from destein_pl import architecture_for
-from destein_pl.calibration.pairs import NONTOXIC_CUE, TOXIC_CUE, PairsConfig
+from destein_pl.calibration.pairs import NONTOXIC_CUE, TOXIC_CUE, PairsConfig, load_pairs
 from destein_pl.lightning.callbacks import SteeringCheckpoint
 from destein_pl.lightning.datamodule import DeSteinDataModule
 from destein_pl.lightning.module import DeSteinModule
@@ -85,6 +85,31 @@ def test_outputs_beside_the_checkpoint_and_metadata(calibrated):
     checkpoint = torch.load(out / "tiny.ckpt", weights_only=True)
     assert all(".steer_" in k or k.startswith("probes.") for k in checkpoint["state_dict"])
     assert (out / "tiny-probes.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_gate_probes_are_fit_on_the_pairs_without_cues_and_travel_with_the_checkpoint(calibrated,
+                                                                                         tiny_llama_dir):
+    from destein_pl import SteeredCausalLM
+    from destein_pl.calibration.probes import fit_head_probes
+
+    module, out = calibrated
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    pairs = load_pairs(PairsConfig(str(out / "pairs.jsonl"), m=len(PAIRS), seed=0))  # in the order fit saw them
+    toxic, nontoxic = (torch.stack([hand_activations(model, tokenizer, getattr(p, side)) for p in pairs])
+                       for side in ("toxic", "nontoxic"))
+    expected = fit_head_probes(toxic, nontoxic)
+    gate = module.calibration.gate_probes
+    torch.testing.assert_close(gate.coef, expected.coef, rtol=0, atol=1e-4)
+    torch.testing.assert_close(gate.intercept, expected.intercept, rtol=0, atol=1e-4)
+    assert torch.equal(gate.accuracy, expected.accuracy)
+    # the head weights still come from the probes on the cued pairs (the paper's)
+    assert torch.equal(module.steered.head_weights, module.calibration.probes.accuracy)
+    assert not torch.allclose(gate.coef, module.calibration.probes.coef)
+    for name in ("tiny.ckpt", "tiny.safetensors"):
+        loaded = SteeredCausalLM.from_checkpoint(out / name)
+        assert torch.equal(loaded.gate_probes.coef, gate.coef), name
+        assert torch.equal(loaded.gate_probes.intercept, gate.intercept), name
 
 
 def test_uniform_weights_and_top_k_heads(tiny_llama_dir, calibrated, tmp_path):

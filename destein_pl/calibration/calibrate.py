@@ -25,6 +25,8 @@ from destein_pl.steering.gating import GateProbes, GateSettings, as_gate_setting
 from destein_pl.steering.model import SteeredCausalLM
 
 SIDES = ("toxic", "nontoxic")
+PLAIN_SIDES = ("toxic_plain", "nontoxic_plain")
+"""The pairs without their cues: the gate's probes are fit on these, since the gate reads contexts without cues."""
 
 
 @dataclass
@@ -81,12 +83,20 @@ class Calibration:
     head_weights: Tensor
     """Per-head weights `[L, H]` (probe accuracy, or 1 for uniform weighting; 0 outside the top k heads)."""
     probes: HeadProbes
+    """Probes on the cued pairs: their accuracies weigh the heads (the paper's)."""
     options: CalibrationOptions
     num_pairs: int
     pairs: dict[str, Any] | None = None
     """Where the pairs came from (file name and sha256, or hub id; m; seed; cues), for the checkpoint."""
     base_model: dict[str, Any] = field(default_factory=dict)
     """`{"name_or_path", "dtype"}` of the calibrated model, so a checkpoint can rebuild it."""
+    gate_probes: HeadProbes | None = None
+    """Probes on the same pairs without cues, which the gate uses; None: the pairs had no cues, so `probes`.
+    Probes fit with cues learn the cue (validation accuracy near 1) and tell little about a context without one."""
+
+    @property
+    def probes_for_gate(self) -> HeadProbes:
+        return self.gate_probes or self.probes
 
     @property
     def alpha(self) -> float:
@@ -97,7 +107,8 @@ class Calibration:
         and return the model."""
         steered.set_steering(self.vectors, self.head_weights, self.alpha if alpha is None else alpha)
         steered.fusion = self.options.fusion
-        steered.set_gate(self.options.gate, GateProbes(self.probes.coef, self.probes.intercept, self.probes.accuracy))
+        gate = self.probes_for_gate
+        steered.set_gate(self.options.gate, GateProbes(gate.coef, gate.intercept, gate.accuracy))
         return steered
 
     def metadata(self, steered: SteeredCausalLM) -> dict[str, Any]:
@@ -113,8 +124,12 @@ class Calibration:
         }
 
     def probe_arrays(self) -> dict[str, Tensor]:
-        return {"probe_accuracy": self.probes.accuracy, "probe_coef": self.probes.coef,
-                "probe_intercept": self.probes.intercept}
+        arrays = {"probe_accuracy": self.probes.accuracy, "probe_coef": self.probes.coef,
+                  "probe_intercept": self.probes.intercept}
+        if self.gate_probes is not None:
+            arrays.update(gate_probe_accuracy=self.gate_probes.accuracy, gate_probe_coef=self.gate_probes.coef,
+                          gate_probe_intercept=self.gate_probes.intercept)
+        return arrays
 
     def save(self, path: str | Path, steered: SteeredCausalLM, heatmap: bool = True) -> Path:
         """Write `<path>.safetensors` with `<path>.json`, and `<stem>-probes.png` (probe accuracy per head),
@@ -142,7 +157,7 @@ class Calibrator:
     def __init__(self, steered: SteeredCausalLM, options: CalibrationOptions | None = None) -> None:
         self.steered = steered
         self.options = options or CalibrationOptions()
-        self._recorded: dict[str, list[Tensor]] = {side: [] for side in SIDES}
+        self._recorded: dict[str, list[Tensor]] = {side: [] for side in SIDES + PLAIN_SIDES}
         self._indices: list[Tensor] = []
         steered.set_gate(None)
         steered.fusion = "paper"
@@ -150,32 +165,42 @@ class Calibrator:
                              torch.zeros(steered.num_layers, steered.num_heads), alpha=0.0)
 
     @torch.no_grad()
-    def record(self, toxic: Sequence[str], nontoxic: Sequence[str], index: Tensor | Sequence[int]) -> None:
-        """Record both sides of a batch of pairs; `index` numbers the pairs (repeats are counted once)."""
+    def record(self, toxic: Sequence[str], nontoxic: Sequence[str], index: Tensor | Sequence[int],
+               plain: tuple[Sequence[str], Sequence[str]] | None = None) -> None:
+        """Record both sides of a batch of pairs; `index` numbers the pairs (repeats are counted once). `plain`: the
+        same sides without their cues, for the gate's probes (None: the sides have no cues). Every batch of a
+        calibration must give `plain`, or none."""
         steered, tokenizer = self.steered, self.steered.tokenizer
         if tokenizer is None:
             raise ValueError("calibration needs the SteeredCausalLM's tokenizer; build it with one")
         steered.eval()  # no dropout while recording activations
         device = steered.device
-        for side, texts in zip(SIDES, (toxic, nontoxic)):
+        texts_of = dict(zip(SIDES, (toxic, nontoxic)))
+        if plain is not None:
+            texts_of.update(zip(PLAIN_SIDES, plain))
+        for side, texts in texts_of.items():
             encoded = tokenizer(list(texts), return_tensors="pt", padding=True).to(device)
             self._recorded[side].append(steered.record_activations(
                 encoded["input_ids"], encoded["attention_mask"], last_k=self.options.last_k))
         self._indices.append(torch.as_tensor(index, device=device))
 
-    def _collected(self, gather: Gather | None) -> tuple[Tensor, Tensor]:
-        """Every recorded pair (from every process with `gather`), each pair once, ordered by index."""
+    def _collected(self, gather: Gather | None) -> dict[str, Tensor]:
+        """Every recorded pair per side (from every process with `gather`), each pair once, ordered by index."""
         if not self._indices:
             raise ValueError("no pairs were recorded; calibration needs at least 2 pairs")
         index = torch.cat(self._indices)
-        toxic, nontoxic = (torch.cat(self._recorded[side]) for side in SIDES)
+        sides = {side: torch.cat(parts) for side, parts in self._recorded.items() if parts}
+        if len(sides) not in (len(SIDES), len(SIDES + PLAIN_SIDES)) or any(
+                len(t) != len(index) for t in sides.values()):
+            raise ValueError("every recorded batch must give the plain (uncued) texts, or none")
         if gather is not None:
-            index, toxic, nontoxic = (gather(t).flatten(0, 1) for t in (index, toxic, nontoxic))
+            index = gather(index).flatten(0, 1)
+            sides = {side: gather(t).flatten(0, 1) for side, t in sides.items()}
         order = torch.argsort(index, stable=True)
-        index, toxic, nontoxic = index[order], toxic[order], nontoxic[order]
+        index = index[order]
         first = torch.ones_like(index, dtype=torch.bool)
         first[1:] = index[1:] != index[:-1]
-        return toxic[first].cpu(), nontoxic[first].cpu()
+        return {side: t[order][first].cpu() for side, t in sides.items()}
 
     def finish(self, gather: Gather | None = None, pairs: dict[str, Any] | None = None,
                base_model: dict[str, Any] | None = None) -> Calibration:
@@ -184,15 +209,19 @@ class Calibrator:
         With `gather`, every process passes its share and gets the same result. `pairs` and `base_model` are
         provenance for the checkpoint (default base model: the model's own name, stored dtype).
         """
-        toxic, nontoxic = self._collected(gather)
+        sides = self._collected(gather)
+        toxic, nontoxic = sides["toxic"], sides["nontoxic"]
         opts = self.options
-        self._recorded, self._indices = {side: [] for side in SIDES}, []
+        self._recorded, self._indices = {side: [] for side in SIDES + PLAIN_SIDES}, []
         probes = fit_head_probes(toxic, nontoxic, opts.val_fraction, opts.probe_seed)
+        gate_probes = (fit_head_probes(sides["toxic_plain"], sides["nontoxic_plain"], opts.val_fraction,
+                                       opts.probe_seed) if "toxic_plain" in sides else None)
         calibration = Calibration(
             vectors=steering_vectors(toxic, nontoxic),
             head_weights=head_weights(probes.accuracy, opts.head_weights, opts.top_k_heads),
             probes=probes, options=opts, num_pairs=len(toxic), pairs=pairs,
             base_model=base_model or {"name_or_path": self.steered.base_model, "dtype": None},
+            gate_probes=gate_probes,
         )
         calibration.apply(self.steered)
         return calibration
@@ -220,5 +249,7 @@ def calibrate(
     starts = range(0, len(dataset), batch_size)
     for start in tqdm(starts, desc="calibrating", unit="batch", disable=not progress):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        calibrator.record([i["toxic"] for i in items], [i["nontoxic"] for i in items], [i["index"] for i in items])
+        plain = ([i["toxic_plain"] for i in items], [i["nontoxic_plain"] for i in items]) if "toxic_plain" in items[0] else None
+        calibrator.record([i["toxic"] for i in items], [i["nontoxic"] for i in items], [i["index"] for i in items],
+                          plain)
     return calibrator.finish(pairs=provenance)

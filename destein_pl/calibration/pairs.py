@@ -153,7 +153,8 @@ def source_digest(source: str | Path) -> str | None:
 
 
 class PairsDataset(Dataset):
-    """Cued pairs with their index in the sample (the index lets a multi-process run drop padded repeats)."""
+    """Cued pairs with their index in the sample (the index lets a multi-process run drop padded repeats). With cues,
+    an item also holds the plain texts (`toxic_plain`, `nontoxic_plain`), on which the gate's probes are fit."""
 
     def __init__(self, pairs: list[SteeringPair], toxic_cue: str, nontoxic_cue: str) -> None:
         self.pairs, self.toxic_cue, self.nontoxic_cue = pairs, toxic_cue, nontoxic_cue
@@ -163,15 +164,17 @@ class PairsDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         pair = self.pairs[index]
-        return {"index": index, "toxic": self.toxic_cue + pair.toxic, "nontoxic": self.nontoxic_cue + pair.nontoxic}
+        item = {"index": index, "toxic": self.toxic_cue + pair.toxic, "nontoxic": self.nontoxic_cue + pair.nontoxic}
+        if self.toxic_cue or self.nontoxic_cue:
+            item.update(toxic_plain=pair.toxic, nontoxic_plain=pair.nontoxic)
+        return item
 
 
 def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "index": torch.tensor([i["index"] for i in items]),
-        "toxic": [i["toxic"] for i in items],
-        "nontoxic": [i["nontoxic"] for i in items],
-    }
+    batch = {"index": torch.tensor([i["index"] for i in items])}
+    batch.update({key: [i[key] for i in items] for key in ("toxic", "nontoxic", "toxic_plain", "nontoxic_plain")
+                  if key in items[0]})
+    return batch
 
 
 @dataclass

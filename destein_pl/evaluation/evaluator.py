@@ -9,6 +9,7 @@ in one call.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -33,10 +34,14 @@ log = logging.getLogger(__name__)
 
 
 def steering_digest(steered: SteeredCausalLM) -> str:
-    """sha256 of the steering vectors and head weights: generations of one alpha are only reused for these."""
+    """sha256 of the steering vectors, head weights, and a fusion or gate other than the default: generations of one
+    alpha are only reused for these (the default options add nothing, so older runs still resume)."""
     digest = hashlib.sha256()
     for tensor in (steered.vectors, steered.head_weights):
         digest.update(tensor.float().contiguous().numpy().tobytes())
+    if steered.fusion != "paper" or steered.gate.enabled:
+        options = {"fusion": steered.fusion, "gate": steered.gate.metadata()}
+        digest.update(json.dumps(options, sort_keys=True).encode())
     return digest.hexdigest()
 
 

@@ -145,7 +145,8 @@ class DeSteinModule(L.LightningModule):
         self.calibrator = Calibrator(self.steered, self.options)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.calibrator.record(batch["toxic"], batch["nontoxic"], batch["index"])
+        plain = (batch["toxic_plain"], batch["nontoxic_plain"]) if "toxic_plain" in batch else None
+        self.calibrator.record(batch["toxic"], batch["nontoxic"], batch["index"], plain)
 
     def on_train_epoch_end(self) -> None:
         # Runs before the checkpoint is written, on every process, so every rank ends with the same steering.

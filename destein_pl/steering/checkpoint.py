@@ -8,7 +8,8 @@ Loading never unpickles arbitrary objects (`torch.load(weights_only=True)` or sa
 checkpoint was made for the model's architecture, and refuses non-finite tensors.
 
 The fusion variant and the gate settings are metadata (`options.fusion`, `options.gate`); the gate's probes are the
-`probe_*` tensors (`probes.probe_*` in a `.ckpt`) that every checkpoint carries. Checkpoints written before those
+`gate_probe_*` tensors (fit on the pairs without their cues; `probes.gate_probe_*` in a `.ckpt`), or, in checkpoints
+made before those existed, the head-weight probes `probe_*`. Checkpoints written before those
 options existed load as `fusion: paper`, `gate: none`: exactly the steering they had.
 """
 

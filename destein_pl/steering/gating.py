@@ -173,8 +173,10 @@ class GateProbes:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor]) -> GateProbes | None:
-        """The probes among checkpoint tensors (`probe_*`, or `probes.probe_*` in a Lightning state dict)."""
-        for prefix in ("", "probes."):
+        """The gate's probes among checkpoint tensors: `gate_probe_*` (fit on the pairs without cues), else the
+        head-weight probes `probe_*` (checkpoints made before the gate probes existed); `probes.` before each name in
+        a Lightning state dict."""
+        for prefix in ("gate_", "probes.gate_", "", "probes."):
             names = [f"{prefix}probe_{k}" for k in ("coef", "intercept", "accuracy")]
             if all(n in tensors for n in names):
                 return cls(*(tensors[n] for n in names))
