@@ -43,6 +43,29 @@ def toxicity_perplexity(points: list[tuple[str, float, float, float]], path: str
     _save(fig, path)
 
 
+def frontier_plot(rows: list[dict], path: str | Path, title: str = "Quality frontier") -> None:
+    """Two panels (toxic and non-toxic prompts) per setting: EMT against perplexity, one line
+    per series (rows: `{"series", "alpha", "toxic": {"emt", "ppl"}, "nontoxic": {...}}`); the base model is a star."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, subset in zip(axes, ("toxic", "nontoxic")):
+        for series in dict.fromkeys(r["series"] for r in rows):
+            points = sorted((r for r in rows if r["series"] == series), key=lambda r: r["alpha"])
+            x, y = [r[subset]["ppl"] for r in points], [r[subset]["emt"] for r in points]
+            if series == "base":
+                ax.scatter(x, y, marker="*", s=160, color="black", zorder=3, label="base")
+                continue
+            ax.plot(x, y, marker="o", label=series)
+            for r, xi, yi in zip(points, x, y):
+                ax.annotate(f"{r['alpha']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel("mean perplexity of continuations")
+        ax.set_ylabel("expected maximum toxicity")
+        ax.set_title(f"{subset.replace('nontoxic', 'non-toxic')} prompts")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
 def _save(fig, path: str | Path) -> None:
     """Write the figure as PNG atomically (a failed write leaves neither a half file nor a temporary one), and
     free it either way."""
