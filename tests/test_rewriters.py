@@ -15,11 +15,15 @@ import pytest
 from destein_pl.induce import REWRITERS, Rewriter, build_rewriter
 from destein_pl.induce.rewriters import (
     REWRITE_INSTRUCTION,
+    Candidate,
     LexicalRewriter,
     NonParallelRewriter,
     OpenAICompatibleRewriter,
     RewriteContext,
     SelfRewriter,
+    choose_candidate,
+    content_overlap,
+    disguises,
 )
 
 
@@ -75,6 +79,183 @@ def test_self_rewriter_checks_its_arguments():
         SelfRewriter(batch_size=0)
     with pytest.raises(ValueError, match="`instruction` must contain `{text}`"):
         SelfRewriter(instruction="Be nice.")
+
+
+# ---------------------------------------------------------------- the self rewriter's few-shot mode
+
+TOXIC_WORDS = {"fucking", "idiot", "damn"}
+
+
+def _toxic(word: str) -> bool:
+    return word in TOXIC_WORDS
+
+
+def test_content_overlap_counts_kept_content_words():
+    # content words of the source: cat, sat, mat ("the", "on" are stopwords, "damn" is toxic)
+    assert content_overlap("The cat sat on the damn mat", "a cat sat", _toxic) == pytest.approx(2 / 3)
+    assert content_overlap("The CAT sat on the mat.", "cat, sat, mat!", _toxic) == 1.0
+    assert content_overlap("you damn idiot", "anything", _toxic) == 1.0  # nothing to keep
+
+
+def test_choose_candidate_prefers_the_one_that_keeps_content_words():
+    source = "you are a fucking idiot who ruined the party"  # 9 words; content words: ruined, party
+    candidates = [
+        "",  # empty
+        "You are a FUCKING idiot who ruined the party!",  # the source again (same words)
+        "you ruined the party",  # 4/9 of the length: too short
+        "you are a person who ruined the evening",  # keeps ruined: 1/2
+        "you are an idiot who ruined the party",  # keeps both, but a toxic word
+        "you are a fcking person who ruined the party",  # respells a toxic word
+        "you are a silly person who ruined the party",  # keeps both: 2/2
+        "you are a person who ruined the party and the evening and the night and the day",  # 18/9: too long
+    ]
+    assert choose_candidate(source, candidates, _toxic) == Candidate(candidates[6], 1.0, 0)
+    assert choose_candidate(source, candidates[:6], _toxic) == Candidate(candidates[3], 0.5, 0)
+    assert choose_candidate(source, [candidates[4]], _toxic) == Candidate(candidates[4], 1.0, 1)
+    assert choose_candidate(source, candidates[:3], _toxic) is None
+    assert choose_candidate(source, [candidates[2]], _toxic, min_length_ratio=0.4) == Candidate(candidates[2], 1.0, 0)
+    assert choose_candidate(source, [candidates[7]], _toxic, max_length_ratio=2.0).overlap == 1.0
+    # ties go to the first
+    assert choose_candidate(source, ["you are a nice person who ruined the party", candidates[6]], _toxic).text == (
+        "you are a nice person who ruined the party")
+
+
+def test_disguises_spots_respelled_toxic_words():
+    assert disguises("fcking", ["fucking"]) and disguises("fucke", ["fucking"]) and disguises("darn", ["damn"])
+    assert disguises("fcked", ["fuck"]) and not disguises("fast", ["fuck"])
+    assert not disguises("brilliant", ["fucking"]) and not disguises("fucking", ["fucking"])
+    assert not disguises("pass", ["ass"])  # too short a toxic word to judge
+
+
+def _demonstrations(path, rows: int = 30):
+    """A ParaDetox-like TSV of `rows` minimal-edit pairs, plus lines no demonstration may come from."""
+    lines = ["toxic\tneutral1\tneutral2\tneutral3"]
+    lines += [f"the fucking {w} number {i} is here\tthe {w} number {i} is here\t\t"
+              for i, w in enumerate(["cat", "tree", "bird"] * (rows // 3))]
+    lines.append("the weather is nice today\tthe weather is fine today\t\t")  # no toxic word
+    lines.append("the fucking idiot ate my lunch\tsomething else entirely\t\t")  # not a minimal edit
+    lines.append("fucking " + "long " * 30 + "text\t" + "long " * 30 + "text\t\t")  # too long
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_few_shot_prompt_holds_k_demonstrations_and_never_the_text(tmp_path, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    source = _demonstrations(tmp_path / "demos.tsv")
+    rewriter = SelfRewriter(demonstrations=str(source), num_demonstrations=3)
+    assert rewriter.pool == []  # nothing is read until first use
+    prompt = rewriter.build_prompt(tok, "you damn\nidiot")
+    assert prompt.endswith("Toxic: you damn idiot\nNeutral:")
+    assert prompt.count("Toxic: ") == 4 and prompt.count("Neutral: ") == 3 and "<|im_start|>" not in prompt
+    shots = rewriter.demonstrations_for("you damn idiot")
+    assert len(shots) == 3 and all(p.toxic.startswith("the fucking ") for p in shots)
+    for pair in shots:
+        assert f"Toxic: {pair.toxic}\nNeutral: {pair.nontoxic}\n\n" in prompt
+    # a text that is one of the demonstrations gets another in its place
+    for text, replaced in ((shots[0].toxic, shots[0]), (shots[1].nontoxic.upper(), shots[1])):
+        others = rewriter.demonstrations_for(text)
+        assert len(others) == 3 and replaced not in others
+        assert others[:2] == [p for p in shots if p is not replaced]  # the next one drawn comes last
+        assert f"Toxic: {replaced.toxic}\n" not in rewriter.build_prompt(tok, text).rsplit("\n\n", 1)[0]
+    # the same seed draws the same demonstrations, another seed others
+    assert SelfRewriter(demonstrations=str(source), num_demonstrations=3).build_prompt(tok, "x") == (
+        rewriter.build_prompt(tok, "x"))
+    other = SelfRewriter(demonstrations=str(source), num_demonstrations=3, demonstration_seed=1)
+    assert other.build_prompt(tok, "x") != rewriter.build_prompt(tok, "x")
+    # a pairs JSONL serves too
+    jsonl = tmp_path / "demos.jsonl"
+    jsonl.write_text("".join(json.dumps({"toxic": p.toxic, "nontoxic": p.nontoxic}) + "\n" for p in shots * 2))
+    assert len(SelfRewriter(demonstrations=str(jsonl), num_demonstrations=2).demonstrations_for("x")) == 2
+
+
+def test_few_shot_forbids_toxic_words_and_masks(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    def ids(text):
+        return tuple(tok(text, add_special_tokens=False)["input_ids"])
+
+    def banned(before, token):
+        (token_id,) = ids(token)
+        return token_id in bans.get(ids(before) if before else (), set())
+
+    stops, bans = SelfRewriter(demonstrations="unused.tsv")._special_ids(tok)
+    assert ids("\n")[0] in stops and ids(" the")[0] not in stops
+    assert len(ids(" stupid")) == 1 and banned("", " stupid")  # one token: never generated
+    assert ids(" shit")[:1] == ids(" sh") and banned(" sh", "it") and banned(" sh", "its")  # `shits` too
+    assert banned("", "***") and banned("", "*")
+    assert not banned("", " the") and not banned("", " sh") and not banned(" sh", "ine")
+    assert SelfRewriter(demonstrations="unused.tsv", banned_word_weight=None)._special_ids(tok)[1].keys() == {()}
+
+
+def test_few_shot_demonstrations_file_errors(tmp_path):
+    missing = SelfRewriter(demonstrations=str(tmp_path / "nowhere.tsv"))  # no I/O when built
+    with pytest.raises(FileNotFoundError, match="`demonstrations` file not found: .*nowhere.tsv"):
+        missing.setup()
+    few = SelfRewriter(demonstrations=str(_demonstrations(tmp_path / "few.tsv", rows=6)), num_demonstrations=8)
+    with pytest.raises(ValueError, match="few.tsv has 6 usable demonstrations.*`num_demonstrations` is 8"):
+        few.setup()
+
+
+def test_select_drops_rewrites_that_keep_too_few_content_words(tmp_path):
+    demos = str(_demonstrations(tmp_path / "demos.tsv"))
+    source = "you are a fucking idiot who ruined the party"  # content words: ruined, party
+    half = "you are a person who ruined the evening"  # keeps 1 of 2
+    assert SelfRewriter(demonstrations=demos, min_overlap=0.6).select(source, [half]) is None
+    assert SelfRewriter(demonstrations=demos, min_overlap=0.5).select(source, [half]) == half
+    assert SelfRewriter(demonstrations=demos).select(source, [source, ""]) is None  # identical or empty
+
+
+def test_few_shot_rewriter_on_tiny_llama_is_deterministic(tmp_path, tiny_llama_dir):
+    from destein_pl import SteeredCausalLM, load_base_model
+
+    model, tok = load_base_model(str(tiny_llama_dir))
+    demos = str(_demonstrations(tmp_path / "demos.tsv"))
+    rewriter = SelfRewriter(demonstrations=demos, num_demonstrations=2, num_candidates=3, max_new_tokens=6,
+                            batch_size=2, min_overlap=0.0, min_length_ratio=0.0, max_length_ratio=100.0)
+    texts = ["you idiot", "shut up, moron", "this is damn garbage"]
+    steered = SteeredCausalLM(model, tok)
+    candidates = rewriter._candidates(steered, texts)
+    assert len(candidates) == 3 and all(len(c) == 3 and all(isinstance(x, str) for x in c) for c in candidates)
+    # a text's candidates depend on the seed and the text, not on the batch
+    assert rewriter._candidates(steered, texts[1:2]) == candidates[1:2]
+    side = tok.padding_side
+    context = RewriteContext(steered)
+    out = rewriter.rewrite(texts, context)
+    assert out == rewriter.rewrite(texts, context) and len(out) == 3
+    assert tok.padding_side == side
+
+
+@pytest.mark.slow
+def test_few_shot_rewriter_rewrites_on_the_embedded_model(smollm2, tmp_path):
+    from destein_pl import SteeredCausalLM
+    from tests.conftest import SHARED_DATA
+
+    model, tok = smollm2
+    rewriter = SelfRewriter(demonstrations=str(SHARED_DATA / "paradetox" / "paradetox.tsv"), num_demonstrations=4,
+                            num_candidates=2)
+    source = "that is a fucking brilliant plan , actually ."
+    (out,) = rewriter.rewrite([source], RewriteContext(SteeredCausalLM(model, tok)))
+    assert out is not None and "fuck" not in out.lower()
+    assert content_overlap(source, out, rewriter.is_toxic) >= 0.4
+
+
+def test_self_rewriter_checks_the_few_shot_options():
+    for kwargs, message in [
+        ({"num_demonstrations": 0}, "`num_demonstrations` must be at least 1, got 0"),
+        ({"max_demonstration_words": 0}, "`max_demonstration_words` must be at least 1"),
+        ({"num_candidates": 0}, "`num_candidates` must be at least 1"),
+        ({"temperature": 0.0}, r"`temperature` must be a finite number > 0, got 0.0"),
+        ({"min_overlap": 1.5}, r"`min_overlap` must be in \[0, 1\], got 1.5"),
+        ({"min_length_ratio": -0.1}, "`min_length_ratio` must be a finite number >= 0"),
+        ({"min_length_ratio": 1.0, "max_length_ratio": 0.5}, "`max_length_ratio` must be at least `min_length_ratio`"),
+        ({"banned_word_weight": 0.0}, "`banned_word_weight` must be a finite number > 0"),
+        ({"demonstrations": " "}, "`demonstrations` must name a pairs file"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SelfRewriter(**kwargs)
 
 
 def test_none_pairs_the_most_toxic_with_the_least_toxic_unselected_samples():

@@ -138,10 +138,7 @@ def sample(
         finished |= torch.isin(token, eos)
         if finished[real].all() or step == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        inputs = {"input_ids": token[:, None], "attention_mask": attention_mask}
-        if architecture.takes_position_ids:
-            inputs["position_ids"] = attention_mask.sum(dim=1, keepdim=True) - 1
+        inputs, attention_mask = architecture.step_inputs(token, attention_mask)
         out = model(**inputs, cache=cache, use_cache=True)
         cache, logits = out.cache, out.logits[:, -1]
     tokens = torch.stack(steps, dim=1).view(len(prompts), repeats, -1)[:, :samples].tolist()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig
 
@@ -79,6 +80,15 @@ class Architecture:
         if self.takes_position_ids:
             inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return inputs
+
+    def step_inputs(self, token: Tensor, attention_mask: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Forward arguments for one cached decoding step on `token` (one per row), and the attention mask grown by
+        that step's column; a row's position is its count of real tokens before it."""
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        inputs = {"input_ids": token[:, None], "attention_mask": attention_mask}
+        if self.takes_position_ids:
+            inputs["position_ids"] = attention_mask.sum(dim=1, keepdim=True) - 1
+        return inputs, attention_mask
 
     def layer_modules(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
