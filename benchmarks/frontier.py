@@ -9,7 +9,8 @@ chosen on it), the next 100 the `report` sample (the chosen settings are reporte
 
     python benchmarks/frontier.py gate-scores            # probe scores of the tune prompts -> gate threshold
     python benchmarks/frontier.py sweep [--samples 25]   # every setting of SWEEP on the tune sample, then the table
-    python benchmarks/frontier.py report --only base NAME...  # settings chosen on tune, on the report sample
+    python benchmarks/frontier.py report --only base shipped NAME...  # the shipped checkpoint (settings chosen
+                                                                   # on tune) and others, on the report sample
     python benchmarks/frontier.py table --split tune     # table and plot from what is stored
 
 Runs are stored under `runs/frontier/<split>-n<per subset>-s<samples>/<setting>/` and resume; the table goes to
@@ -26,6 +27,7 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +36,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "rtp"
 CHECKPOINTS = {
-    "paradetox-1000": ROOT / "runs" / "checkpoints" / "smollm2-135m-gated.ckpt",
+    "paradetox-1000": ROOT / "checkpoints" / "smollm2-135m-gated.ckpt",
     "paradetox-40": ROOT / "checkpoints" / "smollm2-135m-paradetox.ckpt",
     "self-induced-lexical": ROOT / "checkpoints" / "smollm2-135m-self-induced.ckpt",
     "self-induced-fewshot": ROOT / "runs" / "checkpoints" / "smollm2-135m-self-fewshot.ckpt",
 }
-"""Steering of each series: the frontier's on 1,000 ParaDetox pairs; the pair comparisons on 40 (the paper's m)."""
+"""Steering of each series: the frontier's on 1,000 ParaDetox pairs (the shipped gated checkpoint, whose steering
+`destein fit --config configs/smollm2-135m.yaml --config configs/overlays/smollm2-135m-gated.yaml` makes again); the
+pair comparisons on 40 (the paper's m)."""
 SUBSET_SIZE = 100
 SPLIT_SEED = 2024
 
 GATE = {"mode": "smooth", "threshold": 0.28, "temperature": 0.05, "heads": 16, "window": 8}
 """Smooth gate: threshold and temperature from `gate-scores` on the tune prompts."""
+
+SHIPPED = {"series": "shipped", "checkpoint": "paradetox-1000"}
+"""The shipped gated checkpoint at its own defaults (alpha, fusion, gate): what a user of it gets."""
 
 SWEEP: list[dict[str, Any]] = [
     *({"series": "paper", "alpha": a} for a in (0.9, 1.3, 1.8)),
@@ -71,7 +78,9 @@ def split_prompts(split: str, per_subset: int = SUBSET_SIZE):
 
 
 def setting_name(setting: dict[str, Any]) -> str:
-    return f"{setting['series']}-a{setting['alpha']:g}" if setting["alpha"] else "base"
+    if setting["series"] in ("base", "shipped"):
+        return setting["series"]
+    return f"{setting['series']}-a{setting['alpha']:g}"
 
 
 class Runner:
@@ -94,9 +103,16 @@ class Runner:
         from destein_pl.evaluation.evaluator import evaluate
 
         folder = self.out / setting_name(setting)
-        steered = self.model(setting.get("checkpoint", "paradetox-1000"))
-        steered.fusion = setting.get("fusion", "paper")
-        steered.set_gate(setting.get("gate"))
+        checkpoint = setting.get("checkpoint", "paradetox-1000")
+        if setting is SHIPPED:  # a model of its own, whose options nothing overrides
+            from destein_pl import SteeredCausalLM
+
+            steered = SteeredCausalLM.from_checkpoint(CHECKPOINTS[checkpoint])
+            setting = {**setting, "alpha": steered.alpha, "fusion": steered.fusion, "gate": asdict(steered.gate)}
+        else:
+            steered = self.model(checkpoint)
+            steered.fusion = setting.get("fusion", "paper")
+            steered.set_gate(setting.get("gate"))
         config = EvaluationConfig(output_dir=str(folder), alphas=[setting["alpha"]], num_samples=self.samples)
         started = time.perf_counter()
         result = evaluate(steered, self.prompts, config, batch_size=4, verbose=False)
@@ -216,7 +232,8 @@ def main() -> None:
         return gate_scores(split, args.checkpoints)
     out = ROOT / "runs" / "frontier" / f"{split}-n{args.per_subset}-s{args.samples}"
     if args.command in ("sweep", "report"):
-        settings = [{"series": "base", "alpha": 0.0, "checkpoint": "paradetox-40"}] + SWEEP
+        settings = [{"series": "base", "alpha": 0.0, "checkpoint": "paradetox-40"}]
+        settings += [SHIPPED] * (args.command == "report") + SWEEP
         if args.command == "report" and not args.only:
             parser.error("report evaluates the settings chosen on the tune sample: name them with --only")
         if args.only:

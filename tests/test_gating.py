@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from destein_pl import SteeredCausalLM
 from destein_pl.evaluation.sampling import sample
@@ -390,6 +391,26 @@ def test_shipped_checkpoints_give_the_logits_they_gave_before_gating_existed(nam
                             return_tensors="pt", padding=True)
     _, score = gated.gate_values(batch["input_ids"], batch["attention_mask"])
     assert score[0, -1] > score[1, -1]  # the real model's probes find the insult more toxic
+
+
+@pytest.mark.slow
+def test_the_shipped_gated_checkpoint_carries_its_overlays_settings_and_gates_with_its_own_probes():
+    """`checkpoints/smollm2-135m-gated.*` is what its overlay makes: a user loading it gets the gate and alpha chosen
+    on the frontier, read by the probes fit without cues."""
+    overlay = yaml.safe_load((CHECKPOINTS.parent / "configs" / "overlays" / "smollm2-135m-gated.yaml").read_text())
+    tensors, _ = read_checkpoint(CHECKPOINTS / "smollm2-135m-gated.safetensors")
+    for suffix in (".ckpt", ".safetensors"):
+        steered = SteeredCausalLM.from_checkpoint(CHECKPOINTS / f"smollm2-135m-gated{suffix}")
+        model = overlay["model"]
+        assert steered.alpha == pytest.approx(model["alpha"]) and steered.fusion == "paper"
+        assert (steered.gate.mode, steered.gate.threshold, steered.gate.temperature) == (
+            model["gate"], model["gate_threshold"], model["gate_temperature"])
+        assert torch.equal(steered.gate_probes.coef, tensors["gate_probe_coef"])
+        assert not torch.equal(tensors["gate_probe_coef"], tensors["probe_coef"])
+    batch = steered.tokenizer(["You are a stupid idiot and I hate you, you", "The weather today is sunny and the"],
+                              return_tensors="pt", padding=True)
+    gate, _ = steered.gate_values(batch["input_ids"], batch["attention_mask"])
+    assert gate[0, -1] > 0.5 > gate[1, -1]  # steers the insult, leaves the weather mostly alone
 
 
 def test_a_gate_or_fusion_changes_which_stored_generations_a_rerun_reuses():
