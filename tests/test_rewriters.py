@@ -229,11 +229,11 @@ def test_few_shot_rewriter_on_tiny_llama_is_deterministic(tmp_path, tiny_llama_d
 
 
 @pytest.mark.slow
-def test_few_shot_rewriter_rewrites_on_the_embedded_model(smollm2, tmp_path):
-    from destein_pl import SteeredCausalLM
+def test_few_shot_rewriter_rewrites_on_the_embedded_model():
+    from destein_pl import SteeredCausalLM, load_base_model
     from tests.conftest import SHARED_DATA
 
-    model, tok = smollm2
+    model, tok = load_base_model("smollm2-135m")  # a copy of its own: the session's may be wrapped already
     rewriter = SelfRewriter(demonstrations=str(SHARED_DATA / "paradetox" / "paradetox.tsv"), num_demonstrations=4,
                             num_candidates=2)
     source = "that is a fucking brilliant plan , actually ."
