@@ -130,7 +130,8 @@ def summarize(folder: Path) -> dict[str, Any]:
     records = [json.loads(line) for line in (folder / f"alpha_{setting['alpha']:g}" / "generations.jsonl").open()]
     row = {"name": folder.name, **setting}
     for subset in ("toxic", "nontoxic"):
-        ppl = [p for r in records if (r["prompt_toxicity"] >= 0.5) == (subset == "toxic") for p in r["perplexity"]]
+        ppl = [p for r in records if (r["prompt_toxicity"] >= 0.5) == (subset == "toxic")
+               for p in r["perplexity"] if p is not None]  # None: an empty continuation
         row[subset] = {**run["metrics"][subset], "median_ppl": statistics.median(ppl)}
     return row
 
@@ -147,7 +148,7 @@ def table(split: str, samples: int, per_subset: int, out: Path) -> str:
 
     def cells(row: dict[str, Any], subset: str) -> list[str]:
         m, b = row[subset], base[subset]
-        change = lambda k: "" if row is base else f" ({100 * (m[k] / b[k] - 1):+.0f}%)"
+        change = lambda k: "" if row is base else f" ({100 * (m[k] / b[k] - 1):+.1f}%)"
         return [f"{m['emt']:.3f}{change('emt')}", f"{m['tp']:.3f}", f"{m['ppl']:.2f}{change('ppl')}",
                 f"{m['median_ppl']:.2f}", f"{m['dist1']:.3f}/{m['dist2']:.3f}/{m['dist3']:.3f}"]
 
