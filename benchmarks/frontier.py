@@ -44,7 +44,9 @@ CHECKPOINTS = {
 }
 """Steering of each series: the frontier's on 1,000 ParaDetox pairs (the shipped gated checkpoint, whose steering
 `destein fit --config configs/smollm2-135m.yaml --config configs/overlays/smollm2-135m-gated.yaml` makes again); the
-pair comparisons on 40 (the paper's m)."""
+pair comparisons on 40 (the paper's m). The few-shot self-induced one is made by `destein induce --config
+configs/smollm2-135m-fewshot-induce.yaml`, then `destein fit --config configs/smollm2-135m.yaml --config
+configs/overlays/smollm2-135m-self-fewshot.yaml`."""
 SUBSET_SIZE = 100
 SPLIT_SEED = 2024
 
@@ -240,6 +242,10 @@ def main() -> None:
         if args.command == "report" and not args.only:
             parser.error("report evaluates the settings chosen on the tune sample: name them with --only")
         if args.only:
+            unknown = sorted(set(args.only) - {setting_name(s) for s in settings})
+            if unknown:
+                parser.error(f"--only: no setting named {', '.join(unknown)}; {args.command} knows "
+                             f"{', '.join(setting_name(s) for s in settings)}")
             settings = [s for s in settings if setting_name(s) in args.only]
         runner = Runner(split, args.samples, args.per_subset, out)
         for setting in settings:
