@@ -104,7 +104,7 @@ def main() -> None:
         logliks = log_likelihoods(steered, [r for _, r in kept])
         gaps = [abs(source_loglik[i] - ll) for (i, _), ll in zip(kept, logliks)
                 if ll is not None and source_loglik[i] is not None]
-        overlaps = [content_overlap(texts[i], r, lexical._is_toxic) for i, r in kept]
+        overlaps = [content_overlap(texts[i], r, lexical.is_toxic) for i, r in kept]
         toxic = sum(s is None or s >= 0.5 for s in scores)
         passing = sum(s is not None and s < 0.5 and ll is not None and source_loglik[i] is not None
                       and abs(source_loglik[i] - ll) <= args.max_gap

@@ -80,6 +80,18 @@ def check_sampling(top_p: float, temperature: float, max_new_tokens: int) -> Non
 
 
 @torch.no_grad()
+def left_padded(prompts: list[list[int]], width: int, pad_token_id: int, device: torch.device | str = "cpu"
+                ) -> tuple[Tensor, Tensor]:
+    """`(input_ids, attention_mask)` of token-id prompts left-padded to `width`, so that every prompt ends at the
+    same column."""
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
 def sample(
     model: nn.Module,
     architecture: Architecture,
@@ -111,12 +123,7 @@ def sample(
     samples = len(seeds[0])
     repeats = max(samples, -(-MIN_ROWS // len(prompts)))  # rows beyond `samples` are filler, dropped at the end
     rows = prompts + [prompts[0]] * max(0, MIN_ROWS - len(prompts))  # filler rows, dropped after the prefill
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(rows):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids)
-        attention_mask[row, width - len(ids) :] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    input_ids, attention_mask = left_padded(rows, width, pad_token_id, device)
 
     out = model(**architecture.padded_inputs(input_ids, attention_mask), use_cache=True, logits_to_keep=1)
     cache, real_prompts = out.cache, torch.arange(len(prompts), device=device)

@@ -194,15 +194,10 @@ def generate_candidates(
     rows. A row ends after a token of `stops` (kept) or after `limits[p]` tokens; a token in `bans[last tokens of
     the row]` is never chosen (`bans[()]` never at all). Returns per prompt, per row, (tokens, whether it ended on
     a stop token)."""
-    from destein_pl.evaluation.sampling import nucleus_choice
+    from destein_pl.evaluation.sampling import left_padded, nucleus_choice
 
     architecture, device, n = steered.architecture, steered.device, len(seeds[0])
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids) :], mask[row, width - len(ids) :] = torch.tensor(ids), 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
+    input_ids, mask = left_padded(prompts, max(len(p) for p in prompts), pad_token_id, device)
     out = steered(**architecture.padded_inputs(input_ids, mask), use_cache=True, logits_to_keep=1)
     cache = out.cache
     cache.batch_repeat_interleave(n)
@@ -345,7 +340,7 @@ class SelfRewriter(Rewriter):
     def is_toxic(self, word: str) -> bool:
         """Whether the `lexical` rewriter would delete `word` (its profanity-check weight is at least 1)."""
         self.lexical.setup()
-        return self.lexical._is_toxic(word)
+        return self.lexical.is_toxic(word)
 
     def _good_demonstration(self, pair: SteeringPair) -> bool:
         toxic, neutral = text_words(pair.toxic), text_words(pair.nontoxic)
@@ -382,9 +377,9 @@ class SelfRewriter(Rewriter):
 
     def _special_ids(self, tokenizer) -> tuple[set[int], dict[tuple[int, ...], set[int]]]:
         """This tokenizer's tokens that hold a newline, and what it may not generate as {tokens so far: forbidden
-        next tokens}: tokens holding `*`, and for each spelling (lower, capitalized, upper case, after a space) of each word weighing at least
-        `banned_word_weight`, its last token after the ones before it, and when it has several tokens, every token
-        that starts like its last one (` sh` + `it` forbids ` sh` + `its` too)."""
+        next tokens}: tokens holding `*`, and for each spelling (lower, capitalized, upper case, after a space) of
+        each word weighing at least `banned_word_weight`, its last token after the ones before it, and when it has
+        several tokens, every token that starts like its last one (` sh` + `it` forbids ` sh` + `its` too)."""
         key = id(tokenizer)
         if key not in self._token_ids:
             self.lexical.setup()
@@ -481,11 +476,12 @@ class LexicalRewriter(Rewriter):
         coef = np.mean([c.estimator.coef_[0] for c in profanity_check.model.calibrated_classifiers_], axis=0)
         self.weights = {w: float(coef[i]) for w, i in profanity_check.vectorizer.vocabulary_.items()}
 
-    def _is_toxic(self, word: str) -> bool:
+    def is_toxic(self, word: str) -> bool:
+        """Whether `word` weighs at least `min_weight` in the profanity-check model (call `setup` first)."""
         return self.weights.get(word.lower(), 0.0) >= self.min_weight
 
     def _rewrite_one(self, text: str) -> str | None:
-        kept = _WORD.sub(lambda m: "" if self._is_toxic(m.group()) else m.group(), text)
+        kept = _WORD.sub(lambda m: "" if self.is_toxic(m.group()) else m.group(), text)
         kept = re.sub(r"\s+([.,;:!?])", r"\1", re.sub(r"\s+", " ", kept)).strip()
         return kept if re.search(r"\w", kept) else None
 
