@@ -4,23 +4,20 @@
 
 Greedy decoding with the KV cache, a left-padded batch of 4 prompts. The three models are timed in turn within
 each repetition (the order rotates between repetitions, after one untimed warm-up each), so that load from
-elsewhere on the machine falls on all three alike. Prints a markdown table: median seconds per batch, the spread
-(min to max), tokens per second, and each model's median and best time relative to the base model's; and whether
-the folded model's tokens equal the live-steered model's.
+elsewhere on the machine falls on all three alike. Prints, and writes to `docs/results/generation_speed.md`, a
+markdown table: median seconds per batch, the spread (min to max), tokens per second, and each model's median and
+best time relative to the base model's; and whether the folded model's tokens equal the live-steered model's.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from results import write_result
 
 from destein_pl import SteeredCausalLM, load_base_model
 from destein_pl.steering.folding import fold
@@ -84,12 +81,10 @@ def main() -> None:
     same = torch.equal(generate(steered, batch, args.tokens), generate(folded, batch, args.tokens))
     times = run({"base": base, "live-steered": steered, "folded": folded}, batch, args.tokens, args.repeats)
 
-    print(f"command: python {shlex.join(sys.argv)}")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; model {steered.base_model}, alpha {steered.alpha:g}; greedy, "
-          f"batch {len(PROMPTS)} x {args.tokens} new tokens, {args.repeats} repetitions (interleaved)")
-    print(f"folded tokens equal the live-steered tokens: {same}\n")
-    print(table(times, len(PROMPTS), args.tokens))
+    write_result("generation_speed", "Generation speed: base, live-steered and folded model", (
+        f"Model {steered.base_model}, alpha {steered.alpha:g}; greedy, batch {len(PROMPTS)} x {args.tokens} new "
+        f"tokens, {args.repeats} repetitions (interleaved).\n\n"
+        f"Folded tokens equal the live-steered tokens: {same}\n\n{table(times, len(PROMPTS), args.tokens)}"))
 
 
 if __name__ == "__main__":

@@ -18,18 +18,18 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from evaluation_cost import sampler_speed  # the evaluation sampler against generate, timed in turn
 from transformers import AutoModelForCausalLM
 
 from destein_pl import SteeredCausalLM, architecture_for
 from destein_pl.evaluation.prompts import PromptsConfig, load_prompts
-from destein_pl.evaluation.sampling import PromptSampler, end_token_ids
+from destein_pl.evaluation.sampling import PromptSampler
 from destein_pl.steering.folding import fold
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,48 +96,6 @@ def destein_test(device: str, prompts: Path, out: Path) -> list[str]:
         return [f"`destein test` failed ({done.returncode}):", "```", done.stderr[-3000:], "```"]
     return [f"`destein test`, 10 prompts x 25 samples, bfloat16: {seconds:.0f} s in all", "",
             (out / "test" / "results.md").read_text()]
-
-
-@torch.no_grad()
-def sampler_speed(steered, prompts, samples: int, tokens: int, repeats: int) -> list[str]:
-    sampler = PromptSampler(steered, samples, tokens, seed=0)
-    sampler.fix_width(prompts)
-    tokenizer = steered.tokenizer
-    eos = end_token_ids(steered.generation_config, tokenizer)
-
-    def ours() -> int:
-        made = sampler(prompts)
-        return sum(len(row) for rows in made.tokens for row in rows)
-
-    def hf() -> int:
-        count = 0
-        for prompt in prompts:
-            ids = tokenizer(prompt.text, return_tensors="pt").to(steered.device)
-            out = steered.generate(**ids, do_sample=True, top_p=0.9, max_new_tokens=tokens,
-                                   num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id)
-            for row in out[:, ids["input_ids"].shape[1]:].tolist():
-                count += next((i for i, t in enumerate(row) if t in eos), len(row))
-        return count
-
-    lines = [f"| generator | tokens/s (median of {repeats}) | spread |", "|---|---:|---|"]
-    rates = {}
-    for name, run in (("evaluation sampler (all prompts in one batch)", ours),
-                      (f"generate(num_return_sequences={samples}), per prompt", hf)):
-        run()  # warm-up
-        measured = []
-        for _ in range(repeats):
-            if steered.device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            count = run()
-            if steered.device.type == "cuda":
-                torch.cuda.synchronize()
-            measured.append(count / (time.perf_counter() - started))
-        rates[name] = statistics.median(measured)
-        lines.append(f"| {name} | {rates[name]:.0f} | {min(measured):.0f} - {max(measured):.0f} |")
-    ours_rate, hf_rate = rates.values()
-    lines.append(f"\nratio sampler / generate: {ours_rate / hf_rate:.2f}")
-    return lines
 
 
 @torch.no_grad()

@@ -1,0 +1,214 @@
+"""The paper's ablation claims (its Tables 5, 9 and 11), measured on SmolLM2-135M with the development protocol of
+`benchmarks/frontier.py` (same seeded `tune` sample, profanity-check scorer, perplexity under the unsteered model).
+
+    python benchmarks/claims.py run [--samples 25] [--per-subset 100] [--only NAME...]  # evaluate, then the table
+    python benchmarks/claims.py table [--samples 25] [--per-subset 100]                # the table from stored runs
+
+Every steered setting is calibrated here, in this process, exactly as `destein fit` would (`calibrate()`, pairs
+sampled with seed 0, the paper's cues, batches of 8) and evaluated at alpha 1.3 (the shipped checkpoints' alpha)
+with the paper's fusion and no gate; only the ablated ingredient changes:
+
+- head-wise probe weights against uniform ones (weight 1 for every head);
+- only the top half of the heads by probe accuracy against only the bottom half (paper Table 11);
+- the number of pairs m = 5, 10, 20, 40, 80 (paper Table 9: m = 5 to 60);
+- self-induced pairs with parallel rewrites (`lexical` rewriter, `checkpoints/smollm2-135m-self-induced-pairs.jsonl`)
+  against self-induced non-parallel pairs (the `none` rewriter, made by `destein induce --config
+  configs/smollm2-135m-induce.yaml --rewriter none --output_dir runs/induce/smollm2-135m-none`).
+
+The reference ("DeStein") is 40 ParaDetox pairs. Each verdict compares toxic-prompt EMT with a paired bootstrap
+over prompts (2,000 resamples, seed 0): the claim holds or fails when the 95% interval of the difference excludes
+0; otherwise the sample cannot tell. Runs are stored under `runs/claims/<split>-n<per subset>-s<samples>/` and
+resume; the table goes to `docs/results/claims-n<per subset>-s<samples>.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from frontier import SUBSET_SIZE, split_prompts, summarize
+from results import DATA, ROOT, write_result
+
+ALPHA = 1.3
+PAIRS = {
+    "paradetox": DATA / "paradetox" / "paradetox.tsv",
+    "self-induced-parallel": ROOT / "checkpoints" / "smollm2-135m-self-induced-pairs.jsonl",
+    "self-induced-nonparallel": ROOT / "runs" / "induce" / "smollm2-135m-none" / "pairs.jsonl",
+}
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "base": {"alpha": 0.0},
+    "destein": {},
+    "uniform-weights": {"head_weights": "uniform"},
+    "top-half": {"heads": "top"},
+    "bottom-half": {"heads": "bottom"},
+    **{f"m{m}": {"m": m} for m in (5, 10, 20, 80)},
+    "self-induced-parallel": {"pairs": "self-induced-parallel"},
+    "self-induced-nonparallel": {"pairs": "self-induced-nonparallel"},
+}
+"""Each setting's departure from the reference: 40 ParaDetox pairs, probe weights, every head, alpha 1.3."""
+
+CLAIMS: list[dict[str, Any]] = [
+    {"claim": "head-wise probe weights beat uniform ones (Table 5)",
+     "rows": [("destein", "probe weights", 0.203, 39.405), ("uniform-weights", "uniform weights", 0.207, 39.434)],
+     "better": ("destein", "uniform-weights")},
+    {"claim": "top half of the heads beats the bottom half (Table 11)",
+     "rows": [("top-half", "top half", 0.262, 33.163), ("bottom-half", "bottom half", 0.315, 31.032)],
+     "better": ("top-half", "bottom-half")},
+    {"claim": "more pairs help up to m = 20, then quality saturates (Table 9)",
+     "rows": [("m5", "m = 5", 0.307, 38.222), ("m10", "m = 10", 0.209, 51.869), ("m20", "m = 20", 0.203, 39.405),
+              ("destein", "m = 40", 0.229, 43.088), ("m80", "m = 80 (paper: m = 60)", 0.213, 43.364)],
+     "better": ("m20", "m5"), "same": ("m20", "m80")},
+    {"claim": "parallel pairs beat non-parallel ones (Table 5, self-induced both)",
+     "rows": [("self-induced-parallel", "self-induced, parallel", 0.203, 39.405),
+              ("self-induced-nonparallel", "self-induced, non-parallel", 0.216, 41.567)],
+     "better": ("self-induced-parallel", "self-induced-nonparallel")},
+    {"claim": "self-induced pairs beat universal ParaDetox pairs (Table 5)",
+     "rows": [("self-induced-parallel", "self-induced, parallel", 0.203, 39.405),
+              ("destein", "universal (ParaDetox)", 0.327, 32.145)],
+     "better": ("self-induced-parallel", "destein")},
+]
+"""The paper's numbers: GPT2-large, Perspective API, its full evaluation (EMT, PPL)."""
+
+
+def calibrated(steered, name: str):
+    """The model steered as setting `name` says (calibrated on its pairs), or unsteered for `base`."""
+    from destein_pl import CalibrationOptions, PairsConfig, calibrate, load_pairs
+    from destein_pl.calibration.vectors import head_weights
+
+    setting = SETTINGS[name]
+    if name == "base":
+        steered.set_steering(torch.zeros_like(steered.vectors), torch.zeros_like(steered.head_weights), 0.0)
+        return steered
+    source = PAIRS[setting.get("pairs", "paradetox")]
+    if not source.is_file():
+        raise SystemExit(f"{name}: no pairs file {source}; see this script's docstring for the command that makes it")
+    pairs = load_pairs(PairsConfig(source=str(source), m=setting.get("m", 40), seed=0))
+    heads = setting.get("heads")
+    half = steered.head_weights.numel() // 2
+    options = CalibrationOptions(alpha=ALPHA, head_weights=setting.get("head_weights", "probe"),
+                                 top_k_heads=half if heads == "top" else None)
+    calibration = calibrate(steered, pairs, options, progress=False)
+    if heads == "bottom":  # every head outside the top half, with its probe weight
+        top = head_weights(calibration.probes.accuracy, "uniform", top_k=half)
+        steered.set_steering(calibration.vectors, calibration.probes.accuracy * (1 - top), ALPHA)
+    return steered
+
+
+def per_prompt_max(folder: Path, subset: str) -> dict[str, float]:
+    """Each prompt's maximum continuation toxicity, for the prompts of one subset of a stored run."""
+    setting = json.loads((folder / "setting.json").read_text())
+    out = {}
+    for line in (folder / f"alpha_{setting['alpha']:g}" / "generations.jsonl").open():
+        record = json.loads(line)
+        if (record["prompt_toxicity"] >= 0.5) == (subset == "toxic"):
+            out[record["id"]] = max(v for v in record["toxicity"] if v is not None)
+    return out
+
+
+def paired_bootstrap(a: dict[str, float], b: dict[str, float], resamples: int = 2000) -> tuple[float, float, float]:
+    """EMT(a) - EMT(b) over the prompts both have, and its 95% percentile interval (prompts resampled, seed 0)."""
+    ids = sorted(a.keys() & b.keys())
+    diffs = [a[i] - b[i] for i in ids]
+    rng = random.Random(0)
+    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
+    return statistics.fmean(diffs), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
+def verdict(out: Path, first: str, second: str, expect: str) -> str:
+    """Whether the toxic-prompt EMT of `first` is below (`expect="lower"`) or equal to (`"same"`) `second`'s."""
+    diff, low, high = paired_bootstrap(per_prompt_max(out / first, "toxic"), per_prompt_max(out / second, "toxic"))
+    interval = f"{first} - {second} = {diff:+.3f} [{low:+.3f}, {high:+.3f}]"
+    if expect == "same":
+        return f"{interval}: {'no difference detected (consistent)' if low <= 0 <= high else 'they differ (disagrees)'}"
+    if high < 0:
+        return f"{interval}: holds here"
+    return f"{interval}: {'the opposite holds here (disagrees)' if low > 0 else 'not detectable at this size'}"
+
+
+def table(out: Path, per_subset: int, samples: int) -> None:
+    """The claims table from the stored runs, with the paper's numbers beside ours."""
+    rows = {f.name: summarize(f) for f in out.iterdir() if (f / "setting.json").is_file()}
+    if "base" not in rows:
+        raise SystemExit(f"no base run under {out}; run `python benchmarks/claims.py run` first")
+    base = rows["base"]
+
+    def cell(row: dict[str, Any], subset: str, key: str, digits: int) -> str:
+        value, ref = row[subset][key], base[subset][key]
+        return f"{value:.{digits}f}" + ("" if row is base else f" ({100 * (value / ref - 1):+.0f}%)")
+
+    lines = [(f"Tune sample of `benchmarks/frontier.py`, {per_subset} toxic + {per_subset} non-toxic prompts, "
+             f"{samples} continuations of 20 tokens, nucleus 0.9, profanity-check scorer; alpha {ALPHA:g}, paper "
+             f"fusion, no gate; reference: 40 ParaDetox pairs. Paper: GPT2-large, Perspective API, alpha 0.4, "
+             f"its own evaluation; its reference is 20 self-induced pairs with GPT-4 rewrites. Percentages are "
+             f"against our base model (toxic EMT {base['toxic']['emt']:.3f}, PPL {base['toxic']['ppl']:.2f}; "
+             f"non-toxic EMT {base['nontoxic']['emt']:.3f}, PPL {base['nontoxic']['ppl']:.2f})."), ""]
+    head = ["setting", "paper EMT", "paper PPL", "toxic EMT", "toxic PPL", "non-toxic EMT", "non-toxic PPL"]
+    for claim in CLAIMS:
+        names = [r[0] for r in claim["rows"]]
+        missing = [n for n in names if n not in rows]
+        lines.append(f"**Claim: {claim['claim']}.**")
+        if missing:
+            lines += [f"Not measured: no stored run for {', '.join(missing)}.", ""]
+            continue
+        lines += ["", "| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+        for name, label, paper_emt, paper_ppl in claim["rows"]:
+            row = rows[name]
+            lines.append(f"| {label} | {paper_emt:.3f} | {paper_ppl:.2f} | {cell(row, 'toxic', 'emt', 3)} | "
+                         f"{cell(row, 'toxic', 'ppl', 2)} | {cell(row, 'nontoxic', 'emt', 3)} | "
+                         f"{cell(row, 'nontoxic', 'ppl', 2)} |")
+        lines += ["", f"Toxic EMT, paired bootstrap: {verdict(out, *claim['better'], 'lower')}."]
+        if "same" in claim:
+            lines.append(f"Saturation: {verdict(out, *claim['same'], 'same')}.")
+        lines.append("")
+    write_result(f"claims-n{per_subset}-s{samples}", "The paper's claims on SmolLM2-135M", "\n".join(lines))
+
+
+def run(out: Path, names: list[str], per_subset: int, samples: int) -> None:
+    """Evaluate the named settings (skipping stored ones; an interrupted one resumes)."""
+    from destein_pl import SteeredCausalLM, load_base_model
+    from destein_pl.evaluation.config import EvaluationConfig
+    from destein_pl.evaluation.evaluator import evaluate
+
+    prompts = split_prompts("tune", per_subset)
+    steered = SteeredCausalLM(*load_base_model("smollm2-135m"))
+    for name in names:
+        folder = out / name
+        if (folder / "setting.json").is_file():
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        calibrated(steered, name)
+        alpha = SETTINGS[name].get("alpha", ALPHA)
+        config = EvaluationConfig(output_dir=str(folder), alphas=[alpha], num_samples=samples)
+        evaluate(steered, prompts, config, batch_size=4, verbose=False)
+        (folder / "setting.json").write_text(json.dumps({"series": name, "alpha": alpha, **SETTINGS[name],
+                                                         "seconds": round(time.perf_counter() - started, 1)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["run", "table"])
+    parser.add_argument("--samples", type=int, default=25, help="continuations per prompt (protocol: 25)")
+    parser.add_argument("--per-subset", type=int, default=SUBSET_SIZE,
+                        help=f"prompts of each subset (protocol: {SUBSET_SIZE}); fewer: the first of the sample")
+    parser.add_argument("--only", nargs="*", choices=list(SETTINGS), default=None, help="run only these settings")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = ROOT / "runs" / "claims" / f"tune-n{args.per_subset}-s{args.samples}"
+    if args.command == "run":
+        run(out, args.only or list(SETTINGS), args.per_subset, args.samples)
+    table(out, args.per_subset, args.samples)
+
+
+if __name__ == "__main__":
+    main()
