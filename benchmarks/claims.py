@@ -13,12 +13,14 @@ with the paper's fusion and no gate; only the ablated ingredient changes:
 - the number of pairs m = 5, 10, 20, 40, 80 (paper Table 9: m = 5 to 60);
 - self-induced pairs with parallel rewrites (`lexical` rewriter, `checkpoints/smollm2-135m-self-induced-pairs.jsonl`)
   against self-induced non-parallel pairs (the `none` rewriter, made by `destein induce --config
-  configs/smollm2-135m-induce.yaml --rewriter none --output_dir runs/induce/smollm2-135m-none`).
+  configs/smollm2-135m-induce.yaml --rewriter none --output_dir runs/induce/smollm2-135m-none`);
+- the authors' published-code fusion (alpha 0.2 and 0.3, on its unit scale) against the paper's.
 
-The reference ("DeStein") is 40 ParaDetox pairs. Each verdict compares toxic-prompt EMT with a paired bootstrap
-over prompts (2,000 resamples, seed 0): the claim holds or fails when the 95% interval of the difference excludes
-0; otherwise the sample cannot tell. Runs are stored under `runs/claims/<split>-n<per subset>-s<samples>/` and
-resume; the table goes to `docs/results/claims-n<per subset>-s<samples>.md`.
+The reference ("DeStein") is 40 ParaDetox pairs. Each verdict compares EMT, on the toxic prompts and on all prompts,
+with a paired bootstrap over prompts (2,000 resamples, seed 0): the claim holds or fails when the 95% interval of the
+difference excludes 0; otherwise the sample cannot tell. Runs are stored under
+`runs/claims/tune-n<per subset>-s<samples>/<setting>/` and resume (a larger sample reuses a smaller one's
+generations when its folders are copied there); the table goes to `docs/results/claims-n<per subset>-s<samples>.md`.
 """
 
 from __future__ import annotations
@@ -52,8 +54,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
     **{f"m{m}": {"m": m} for m in (5, 10, 20, 80)},
     "self-induced-parallel": {"pairs": "self-induced-parallel"},
     "self-induced-nonparallel": {"pairs": "self-induced-nonparallel"},
+    **{f"published-a{a:g}": {"fusion": "published", "alpha": a} for a in (0.2, 0.3)},
 }
-"""Each setting's departure from the reference: 40 ParaDetox pairs, probe weights, every head, alpha 1.3."""
+"""Each setting's departure from the reference: 40 ParaDetox pairs, probe weights, every head, the paper's fusion,
+alpha 1.3. The published code's fusion takes an alpha on a unit scale (0.1 to 0.3 here), not the paper's."""
 
 CLAIMS: list[dict[str, Any]] = [
     {"claim": "head-wise probe weights beat uniform ones (Table 5)",
@@ -74,8 +78,13 @@ CLAIMS: list[dict[str, Any]] = [
      "rows": [("self-induced-parallel", "self-induced, parallel", 0.203, 39.405),
               ("destein", "universal (ParaDetox)", 0.327, 32.145)],
      "better": ("self-induced-parallel", "destein")},
+    {"claim": "the authors' published code fuses differently from the paper (no claim in the paper: what it costs)",
+     "rows": [("destein", "paper fusion, alpha 1.3", None, None),
+              ("published-a0.2", "published-code fusion, alpha 0.2", None, None),
+              ("published-a0.3", "published-code fusion, alpha 0.3", None, None)],
+     "compare": ("published-a0.3", "destein")},
 ]
-"""The paper's numbers: GPT2-large, Perspective API, its full evaluation (EMT, PPL)."""
+"""The paper's numbers (EMT, PPL; None where it has none): GPT2-large, Perspective API, its full evaluation."""
 
 
 def calibrated(steered, name: str):
@@ -93,8 +102,8 @@ def calibrated(steered, name: str):
     pairs = load_pairs(PairsConfig(source=str(source), m=setting.get("m", 40), seed=0))
     heads = setting.get("heads")
     half = steered.head_weights.numel() // 2
-    options = CalibrationOptions(alpha=ALPHA, head_weights=setting.get("head_weights", "probe"),
-                                 top_k_heads=half if heads == "top" else None)
+    options = CalibrationOptions(alpha=setting.get("alpha", ALPHA), head_weights=setting.get("head_weights", "probe"),
+                                 top_k_heads=half if heads == "top" else None, fusion=setting.get("fusion", "paper"))
     calibration = calibrate(steered, pairs, options, progress=False)
     if heads == "bottom":  # every head outside the top half, with its probe weight
         top = head_weights(calibration.probes.accuracy, "uniform", top_k=half)
@@ -102,13 +111,13 @@ def calibrated(steered, name: str):
     return steered
 
 
-def per_prompt_max(folder: Path, subset: str) -> dict[str, float]:
-    """Each prompt's maximum continuation toxicity, for the prompts of one subset of a stored run."""
+def per_prompt_max(folder: Path, subset: str | None) -> dict[str, float]:
+    """Each prompt's maximum continuation toxicity in a stored run, for one subset's prompts (None: all)."""
     setting = json.loads((folder / "setting.json").read_text())
     out = {}
     for line in (folder / f"alpha_{setting['alpha']:g}" / "generations.jsonl").open():
         record = json.loads(line)
-        if (record["prompt_toxicity"] >= 0.5) == (subset == "toxic"):
+        if subset is None or (record["prompt_toxicity"] >= 0.5) == (subset == "toxic"):
             out[record["id"]] = max(v for v in record["toxicity"] if v is not None)
     return out
 
@@ -123,14 +132,19 @@ def paired_bootstrap(a: dict[str, float], b: dict[str, float], resamples: int = 
 
 
 def verdict(out: Path, first: str, second: str, expect: str) -> str:
-    """Whether the toxic-prompt EMT of `first` is below (`expect="lower"`) or equal to (`"same"`) `second`'s."""
-    diff, low, high = paired_bootstrap(per_prompt_max(out / first, "toxic"), per_prompt_max(out / second, "toxic"))
-    interval = f"{first} - {second} = {diff:+.3f} [{low:+.3f}, {high:+.3f}]"
-    if expect == "same":
-        return f"{interval}: {'no difference detected (consistent)' if low <= 0 <= high else 'they differ (disagrees)'}"
-    if high < 0:
-        return f"{interval}: holds here"
-    return f"{interval}: {'the opposite holds here (disagrees)' if low > 0 else 'not detectable at this size'}"
+    """Whether the EMT of `first` is below (`expect="lower"`) or equal to (`"same"`) `second`'s, or only the
+    difference (`"none"`): on the toxic prompts, and on all prompts (twice as many, so a smaller difference shows)."""
+    parts = []
+    for label, subset in (("toxic prompts", "toxic"), ("all prompts", None)):
+        diff, low, high = paired_bootstrap(per_prompt_max(out / first, subset), per_prompt_max(out / second, subset))
+        if expect == "none":
+            word = ""
+        elif expect == "same":
+            word = "no difference detected (consistent)" if low <= 0 <= high else "they differ (disagrees)"
+        else:
+            word = "holds" if high < 0 else "the opposite holds (disagrees)" if low > 0 else "not detectable"
+        parts.append(f"{label} {diff:+.3f} [{low:+.3f}, {high:+.3f}]" + (f", {word}" if word else ""))
+    return f"EMT({first}) - EMT({second}): " + "; ".join(parts)
 
 
 def table(out: Path, per_subset: int, samples: int) -> None:
@@ -161,14 +175,19 @@ def table(out: Path, per_subset: int, samples: int) -> None:
         lines += ["", "| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
         for name, label, paper_emt, paper_ppl in claim["rows"]:
             row = rows[name]
-            lines.append(f"| {label} | {paper_emt:.3f} | {paper_ppl:.2f} | {cell(row, 'toxic', 'emt', 3)} | "
+            paper = f"{paper_emt:.3f} | {paper_ppl:.2f}" if paper_emt is not None else "- | -"
+            lines.append(f"| {label} | {paper} | {cell(row, 'toxic', 'emt', 3)} | "
                          f"{cell(row, 'toxic', 'ppl', 2)} | {cell(row, 'nontoxic', 'emt', 3)} | "
                          f"{cell(row, 'nontoxic', 'ppl', 2)} |")
-        lines += ["", f"Toxic EMT, paired bootstrap: {verdict(out, *claim['better'], 'lower')}."]
+        if "better" in claim:
+            lines += ["", f"Paired bootstrap, {verdict(out, *claim['better'], 'lower')}."]
+        else:
+            lines += ["", f"Paired bootstrap, {verdict(out, *claim['compare'], 'none')}."]
         if "same" in claim:
             lines.append(f"Saturation: {verdict(out, *claim['same'], 'same')}.")
         lines.append("")
-    write_result(f"claims-n{per_subset}-s{samples}", "The paper's claims on SmolLM2-135M", "\n".join(lines))
+    write_result(f"claims-n{per_subset}-s{samples}", "The paper's claims on SmolLM2-135M", "\n".join(lines),
+                 f"python benchmarks/claims.py run --samples {samples} --per-subset {per_subset}")
 
 
 def run(out: Path, names: list[str], per_subset: int, samples: int) -> None:

@@ -37,9 +37,10 @@ def spread(values: list[float], digits: int = 3) -> str:
     return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f} - {max(values):.{digits}f})"
 
 
-def write_result(name: str, title: str, body: str) -> Path:
-    """Print `body` and write it to `docs/results/<name>.md` under a heading, the command and the machine."""
-    text = f"## {title}\n\n`{command()}` on {machine()}.\n\n{body.strip()}\n"
+def write_result(name: str, title: str, body: str, shown_command: str | None = None) -> Path:
+    """Print `body` and write it to `docs/results/<name>.md` under a heading, the command (this script's command
+    line, or `shown_command` where another command reproduces the whole table) and the machine."""
+    text = f"## {title}\n\n`{shown_command or command()}` on {machine()}.\n\n{body.strip()}\n"
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.md"
