@@ -49,9 +49,11 @@ SECTIONS: list[tuple[str, str, list[Entry]]] = [
      [(RESULTS / "scorer_fidelity.md", "python benchmarks/scorer_fidelity.py fidelity", None),
       (RESULTS / "scorer_rescore.md", "python benchmarks/scorer_fidelity.py rescore BASE_RUN STEERED_RUN...", None)]),
     ("Speed and how cost grows",
-     ("Generation with steering live and folded into a bias, the evaluation sampler against Hugging Face "
-     "`generate`, where evaluation time goes, calibration throughput, and the time of calibration and evaluation "
-     "as they grow."),
+     ("Generation with steering live and folded into a bias (on both cores, nothing else running), the evaluation "
+     "sampler against Hugging Face `generate`, where evaluation time goes, calibration throughput, and the time of "
+     "calibration and evaluation as they grow. The evaluation and calibration tables, and the memory table's wall "
+     "times, ran on one thread while another one-thread benchmark used the second core; each ratio is measured "
+     "within one run, its parts in turn."),
      [(RESULTS / "generation_speed.md", "python benchmarks/fold_speed.py", None),
       (RESULTS / "evaluation_cost.md", "python benchmarks/evaluation_cost.py", None),
       (RESULTS / "calibration_cost.md", "python benchmarks/calibration_cost.py", None)]),
