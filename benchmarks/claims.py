@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from frontier import SUBSET_SIZE, split_prompts, summarize
+from frontier import SUBSET_SIZE, evaluate_setting, split_prompts, stored_records, summarize
 from results import DATA, ROOT, write_result
 
 ALPHA = 1.3
@@ -113,13 +113,9 @@ def calibrated(steered, name: str):
 
 def per_prompt_max(folder: Path, subset: str | None) -> dict[str, float]:
     """Each prompt's maximum continuation toxicity in a stored run, for one subset's prompts (None: all)."""
-    setting = json.loads((folder / "setting.json").read_text())
-    out = {}
-    for line in (folder / f"alpha_{setting['alpha']:g}" / "generations.jsonl").open():
-        record = json.loads(line)
-        if subset is None or (record["prompt_toxicity"] >= 0.5) == (subset == "toxic"):
-            out[record["id"]] = max(v for v in record["toxicity"] if v is not None)
-    return out
+    records = stored_records(folder, json.loads((folder / "setting.json").read_text()))
+    return {r["id"]: max(v for v in r["toxicity"] if v is not None) for r in records
+            if subset is None or (r["prompt_toxicity"] >= 0.5) == (subset == "toxic")}
 
 
 def paired_bootstrap(a: dict[str, float], b: dict[str, float], resamples: int = 2000) -> tuple[float, float, float]:
@@ -193,8 +189,6 @@ def table(out: Path, per_subset: int, samples: int) -> None:
 def run(out: Path, names: list[str], per_subset: int, samples: int) -> None:
     """Evaluate the named settings (skipping stored ones; an interrupted one resumes)."""
     from destein_pl import SteeredCausalLM, load_base_model
-    from destein_pl.evaluation.config import EvaluationConfig
-    from destein_pl.evaluation.evaluator import evaluate
 
     prompts = split_prompts("tune", per_subset)
     steered = SteeredCausalLM(*load_base_model("smollm2-135m"))
@@ -203,13 +197,9 @@ def run(out: Path, names: list[str], per_subset: int, samples: int) -> None:
         if (folder / "setting.json").is_file():
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
-        started = time.perf_counter()
         calibrated(steered, name)
-        alpha = SETTINGS[name].get("alpha", ALPHA)
-        config = EvaluationConfig(output_dir=str(folder), alphas=[alpha], num_samples=samples)
-        evaluate(steered, prompts, config, batch_size=4, verbose=False)
-        (folder / "setting.json").write_text(json.dumps({"series": name, "alpha": alpha, **SETTINGS[name],
-                                                         "seconds": round(time.perf_counter() - started, 1)}))
+        evaluate_setting(steered, prompts, folder, samples,
+                         {"series": name, "alpha": ALPHA, **SETTINGS[name]})
 
 
 def main() -> None:

@@ -102,9 +102,6 @@ class Runner:
         return self.models[checkpoint]
 
     def run(self, setting: dict[str, Any]) -> dict[str, Any]:
-        from destein_pl.evaluation.config import EvaluationConfig
-        from destein_pl.evaluation.evaluator import evaluate
-
         folder = self.out / setting_name(setting)
         checkpoint = setting.get("checkpoint", "paradetox-1000")
         if setting is SHIPPED:  # a model of its own, whose options nothing overrides
@@ -116,20 +113,37 @@ class Runner:
             steered = self.model(checkpoint)
             steered.fusion = setting.get("fusion", "paper")
             steered.set_gate(setting.get("gate"))
-        config = EvaluationConfig(output_dir=str(folder), alphas=[setting["alpha"]], num_samples=self.samples)
-        started = time.perf_counter()
-        result = evaluate(steered, self.prompts, config, batch_size=4, verbose=False)
-        (folder / "setting.json").write_text(json.dumps({**setting, "split": self.split, "samples": self.samples,
-                                                         "per_subset": len(self.prompts) // 2,
-                                                         "seconds": round(time.perf_counter() - started, 1)}))
-        return result
+        return evaluate_setting(steered, self.prompts, folder, self.samples,
+                                {**setting, "split": self.split, "samples": self.samples,
+                                 "per_subset": len(self.prompts) // 2})
+
+
+def evaluate_setting(steered, prompts, folder: Path, samples: int, setting: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate `steered` at `setting["alpha"]` into `folder` (resuming what is stored there), then record the setting
+    with the evaluation's seconds in `setting.json`, which `summarize` reads and which marks the setting done."""
+    from destein_pl.evaluation.config import EvaluationConfig
+    from destein_pl.evaluation.evaluator import evaluate
+    from destein_pl.files import write_json
+
+    config = EvaluationConfig(output_dir=str(folder), alphas=[setting["alpha"]], num_samples=samples)
+    started = time.perf_counter()
+    result = evaluate(steered, prompts, config, batch_size=4, verbose=False)
+    write_json(folder / "setting.json", {**setting, "seconds": round(time.perf_counter() - started, 1)})
+    return result
+
+
+def stored_records(folder: Path, setting: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stored generation records of a setting's alpha, one per prompt (a rescored record replaces its first)."""
+    from destein_pl.evaluation.runs import read_generations
+
+    return list(read_generations(folder / f"alpha_{setting['alpha']:g}").values())
 
 
 def summarize(folder: Path) -> dict[str, Any]:
     """A stored setting's metrics per subset, with the median perplexity from its generations."""
     setting = json.loads((folder / "setting.json").read_text())
     run = json.loads((folder / "results.json").read_text())["runs"][0]
-    records = [json.loads(line) for line in (folder / f"alpha_{setting['alpha']:g}" / "generations.jsonl").open()]
+    records = stored_records(folder, setting)
     row = {"name": folder.name, **setting}
     for subset in ("toxic", "nontoxic"):
         ppl = [p for r in records if (r["prompt_toxicity"] >= 0.5) == (subset == "toxic")
