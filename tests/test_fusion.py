@@ -5,21 +5,17 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from destein_pl import CalibrationOptions, SteeredCausalLM, calibrate, load_base_model
 from destein_pl.calibration.pairs import SteeringPair
 from destein_pl.steering.checkpoint import read_checkpoint
 from destein_pl.steering.folding import NotFoldableError, fold
-from destein_pl.steering.fusion import FUSIONS
-from tests.conftest import FAMILIES, VOCAB, tiny_model
+from destein_pl.steering.gating import GateSettings
+from destein_pl.steering.operators import OPERATORS
+from tests.conftest import FAMILIES, plain_projections, random_ids, tiny_model
 
 ALPHA = 0.6
-
-
-def random_ids(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
 def steered_tiny(family: str, fusion: str, alpha: float = ALPHA) -> SteeredCausalLM:
@@ -31,15 +27,6 @@ def steered_tiny(family: str, fusion: str, alpha: float = ALPHA) -> SteeredCausa
     steered.set_steering(vectors, weights, alpha)
     steered.fusion = fusion
     return steered
-
-
-def plain_projections(model: nn.Module, family: str) -> list[nn.Module]:
-    """Each layer's attention output projection, found by hand (not through the registry under test)."""
-    paths = {"gpt2": ("transformer.h", "attn.c_proj"), "llama": ("model.layers", "self_attn.o_proj"),
-             "mistral": ("model.layers", "self_attn.o_proj"), "qwen2": ("model.layers", "self_attn.o_proj"),
-             "opt": ("model.decoder.layers", "self_attn.out_proj"), "mpt": ("transformer.blocks", "attn.out_proj")}
-    layers, projection = paths[family]
-    return [layer.get_submodule(projection) for layer in model.get_submodule(layers)]
 
 
 def hand_logits(family: str, steered: SteeredCausalLM, ids: torch.Tensor, fusion: str) -> torch.Tensor:
@@ -106,7 +93,7 @@ def test_norm_preserving_keeps_each_heads_norm(family):
     assert not torch.allclose(a, b)
 
 
-@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("fusion", OPERATORS)
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mpt"])
 def test_zero_alpha_is_exactly_the_base_model_for_every_variant(family, fusion):
     steered = steered_tiny(family, fusion, alpha=0.0)
@@ -142,7 +129,8 @@ def test_fold_in_place_removes_every_steering_hook():
     folded = fold(steered, inplace=True)
     for proj in plain_projections(folded, "gpt2"):
         assert not proj._forward_pre_hooks and not proj._forward_hooks
-        assert not hasattr(proj, "steer_fusion")
+    for block in (layer.attn for layer in folded.transformer.h):
+        assert not any(hasattr(block, name) for name in ("steer_operator", "steer_modifier", "steer_vectors"))
 
 
 PAIRS = [SteeringPair(f"you are a stupid idiot number {i}", f"you are a kind person number {i}") for i in range(10)]
@@ -154,7 +142,7 @@ def calibrated_tiny(tiny_llama_dir, tmp_path_factory):
     model, tokenizer = load_base_model(str(tiny_llama_dir))
     steered = SteeredCausalLM(model, tokenizer)
     options = CalibrationOptions(alpha=0.8, fusion="published",
-                                 gate={"mode": "smooth", "threshold": 0.4, "temperature": 0.2, "heads": 5})
+                                 gate=GateSettings("smooth", threshold=0.4, temperature=0.2, heads=5))
     calibration = calibrate(steered, PAIRS, options, batch_size=5, progress=False)
     path = calibration.save(tmp_path_factory.mktemp("fusion") / "tiny.safetensors", steered, heatmap=False)
     return steered, path
@@ -171,7 +159,7 @@ def test_checkpoint_stores_and_restores_fusion_and_gate(calibrated_tiny):
     batch = steered.tokenizer(["you are a", "hello there my friend"], return_tensors="pt", padding=True)
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, steered(**batch).logits)
-    overridden = SteeredCausalLM.from_checkpoint(path, fusion="paper", gate="none")
+    overridden = SteeredCausalLM.from_checkpoint(path, fusion="paper", gate=GateSettings("none"))
     assert overridden.fusion == "paper" and not overridden.gate.enabled
 
 
@@ -192,7 +180,7 @@ def test_lightning_module_passes_fusion_and_gate_to_the_checkpoint_and_overrides
     tensors, metadata = read_checkpoint(path)
     # the Lightning form of the same checkpoint: per-block buffers under `steered.`, probes under `probes.`
     state = {f"steered.{k}": v for k, v in steered.state_dict().items() if ".steer_" in k}
-    state.update({f"probes.{k}": tensors[k] for k in ("probe_coef", "probe_intercept", "probe_accuracy")})
+    state.update({f"probes.{k}": v for k, v in tensors.items() if "probe_" in k})
     checkpoint = {"state_dict": state, METADATA_KEY: metadata}
 
     keeps = DeSteinModule(base_model=str(tiny_llama_dir))
@@ -200,9 +188,9 @@ def test_lightning_module_passes_fusion_and_gate_to_the_checkpoint_and_overrides
     keeps.on_load_checkpoint(checkpoint)
     assert keeps.steered.fusion == "published" and keeps.steered.gate.mode == "smooth"
 
-    overrides = DeSteinModule(base_model=str(tiny_llama_dir), fusion="norm_preserving", gate="hard",
-                              gate_threshold=0.7, gate_heads=3)
-    assert overrides.hparams.fusion == "norm_preserving" and overrides.hparams.gate == "hard"
+    overrides = DeSteinModule(base_model=str(tiny_llama_dir), fusion="norm_preserving",
+                              gate=GateSettings("hard", threshold=0.7, heads=3))
+    assert overrides.hparams.fusion == "norm_preserving" and "gate" not in overrides.hparams
     overrides.on_load_checkpoint(checkpoint)
     assert overrides.steered.fusion == "norm_preserving"
     assert (overrides.steered.gate.mode, overrides.steered.gate.threshold, overrides.steered.gate.heads) == \

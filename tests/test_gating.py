@@ -13,19 +13,14 @@ import yaml
 
 from destein_pl import SteeredCausalLM
 from destein_pl.evaluation.sampling import sample
-from destein_pl.steering.checkpoint import CheckpointError, apply_checkpoint_state, read_checkpoint
+from destein_pl.steering.checkpoint import CheckpointError, read_checkpoint
 from destein_pl.steering.folding import NotFoldableError, fold
-from destein_pl.steering.gating import GateProbes, GateSettings, GateStateError
-from tests.conftest import FAMILIES, VOCAB, tiny_model
-from tests.test_fusion import plain_projections
-from tests.test_steering import left_pad
+from destein_pl.steering.gating import GateSettings, GateStateError
+from destein_pl.steering.probes import Probes
+from tests.conftest import FAMILIES, left_pad, plain_projections, random_ids, tiny_model
 
 ALPHA = 0.6
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
-
-
-def random_ids(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
 def steered_tiny(family: str, alpha: float = ALPHA, fusion: str = "paper") -> SteeredCausalLM:
@@ -37,11 +32,11 @@ def steered_tiny(family: str, alpha: float = ALPHA, fusion: str = "paper") -> St
     return steered
 
 
-def random_probes(steered: SteeredCausalLM, seed: int = 3, scale: float = 1.0) -> GateProbes:
+def random_probes(steered: SteeredCausalLM, seed: int = 3, scale: float = 1.0) -> Probes:
     g = torch.Generator().manual_seed(seed)
     L, H, D = steered.num_layers, steered.num_heads, steered.head_dim
     accuracy = torch.randperm(L * H, generator=g).float().reshape(L, H) / (L * H)  # distinct: no ties
-    return GateProbes(scale * torch.randn(L, H, D, generator=g), 0.1 * torch.randn(L, H, generator=g), accuracy)
+    return Probes(scale * torch.randn(L, H, D, generator=g), 0.1 * torch.randn(L, H, generator=g), accuracy)
 
 
 def separating_threshold(scores: torch.Tensor) -> float:
@@ -103,7 +98,7 @@ def test_gate_none_is_todays_steering_bit_for_bit(family):
     assert steered.gate.mode == "none"
     never_gated = logits(steered, ids)
     assert torch.equal(never_gated, todays_logits(family, steered, ids))
-    steered.set_gate("hard", random_probes(steered))
+    steered.set_gate(GateSettings("hard"), random_probes(steered))
     logits(steered, ids)
     steered.set_gate(None)
     assert not steered.model._forward_pre_hooks and not steered.model._forward_hooks  # no gate hooks left
@@ -115,7 +110,7 @@ def test_gate_none_is_todays_steering_bit_for_bit(family):
 
 
 # ---- what the gate reads -------------------------------------------------------------------------------------
-def hand_scores(family: str, probes: GateProbes, settings: GateSettings, ids, mask) -> torch.Tensor:
+def hand_scores(family: str, probes: Probes, settings: GateSettings, ids, mask) -> torch.Tensor:
     """The probes' score by hand: the unwrapped base model's per-head activations, each gate head's logit per
     position, averaged over the last `window` real positions, sigmoid, mean over the gate heads."""
     model = tiny_model(family)
@@ -191,7 +186,7 @@ def test_a_context_the_probes_call_toxic_gets_a_higher_gate():
     accuracy = torch.rand(steered.num_layers, steered.num_heads, generator=torch.Generator().manual_seed(1))
     for mode in ("hard", "smooth"):
         steered.set_gate(GateSettings(mode, threshold=0.5, temperature=0.05, heads=6, window=8),
-                         GateProbes(coef, intercept, accuracy))
+                         Probes(coef, intercept, accuracy))
         gate, score = steered.gate_values(torch.cat([toxic, clean]))
         assert score[0, -1] > 0.5 > score[1, -1]
         assert gate[0, -1] > gate[1, -1]
@@ -205,11 +200,11 @@ def test_gate_open_is_the_ungated_steering_and_gate_closed_the_base_model(fusion
     base = logits(steered_tiny("llama", alpha=0.0), ids, mask)
     probes = random_probes(steered, scale=0.0)  # every logit is its intercept: the probes call every context ...
     probes.intercept.fill_(8.0)  # ... toxic
-    steered.set_gate("hard", probes)
+    steered.set_gate(GateSettings("hard"), probes)
     real = mask.bool()  # (padding positions, never attended to, are left unsteered by the gate)
     assert torch.equal(logits(steered, ids, mask)[real], ungated[real])
     probes.intercept.fill_(-8.0)  # ... clean
-    steered.set_gate("hard", probes)
+    steered.set_gate(GateSettings("hard"), probes)
     assert torch.equal(logits(steered, ids, mask), base)
 
 
@@ -324,7 +319,7 @@ def test_a_cache_filled_without_the_gate_is_refused():
     ids = random_ids(1, 6)
     with torch.no_grad():
         cache = steered(input_ids=ids, use_cache=True).cache
-        steered.set_gate("hard", random_probes(steered))
+        steered.set_gate(GateSettings("hard"), random_probes(steered))
         with pytest.raises(GateStateError, match="filled without it"):
             steered(input_ids=ids[:, :1], cache=cache, use_cache=True)
 
@@ -332,8 +327,8 @@ def test_a_cache_filled_without_the_gate_is_refused():
 def test_a_gate_needs_probes_and_cannot_be_folded():
     steered = steered_tiny("llama")
     with pytest.raises(ValueError, match="needs the calibrated probes"):
-        steered.set_gate("smooth")
-    steered.set_gate("smooth", random_probes(steered))
+        steered.set_gate(GateSettings("smooth"))
+    steered.set_gate(GateSettings("smooth"), random_probes(steered))
     with pytest.raises(NotFoldableError, match="gate='smooth'"):
         fold(steered)
     copied = copy.deepcopy(steered)  # a copy carries its own gate, on its own model
@@ -344,23 +339,23 @@ def test_a_gate_needs_probes_and_cannot_be_folded():
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------
-def test_a_checkpoint_without_the_new_options_loads_as_paper_and_none(tmp_path):
+def test_a_checkpoint_without_fusion_or_gate_options_loads_as_paper_and_none(tmp_path):
     steered = steered_tiny("llama")
     steered.fusion = "published"
-    steered.set_gate("hard", random_probes(steered))
+    steered.set_gate(GateSettings("hard"), random_probes(steered))
     reference = steered_tiny("llama")
     metadata = {"format": "destein-pl/1", "architecture": {
         "family": "llama", "model_type": "llama", "num_layers": 3, "num_heads": 4, "head_dim": 8, "hidden_size": 32},
         "options": {"head_weights": "probe", "top_k_heads": None, "last_k": 8, "val_fraction": 0.2, "probe_seed": 0}}
     tensors = {"vectors": reference.vectors, "head_weights": reference.head_weights,
                "alpha": torch.tensor(reference.alpha)}
-    apply_checkpoint_state(steered, tensors, metadata, "old.safetensors")
+    steered.load_steering(tensors, metadata, "old.safetensors")
     assert steered.fusion == "paper" and steered.gate.mode == "none" and steered.gate_probes is None
     ids = random_ids(2, 7)
     assert torch.equal(logits(steered, ids), logits(reference, ids))
     metadata["options"]["gate"] = {"mode": "hard"}
-    with pytest.raises(CheckpointError, match="old.safetensors: gate 'hard' needs the probes"):
-        apply_checkpoint_state(steered, tensors, metadata, "old.safetensors")
+    with pytest.raises(CheckpointError, match="old.safetensors: gate 'hard' needs the gate's probes"):
+        steered.load_steering(tensors, metadata, "old.safetensors")
 
 
 @pytest.mark.slow
@@ -385,7 +380,7 @@ def test_shipped_checkpoints_give_the_logits_they_gave_before_gating_existed(nam
                                    dtype=torch.float64), rtol=0, atol=1e-4)
     # the probes every shipped checkpoint carries are enough to gate it
     tensors, _ = read_checkpoint(CHECKPOINTS / f"{name}.safetensors")
-    gated = SteeredCausalLM.from_checkpoint(CHECKPOINTS / f"{name}.safetensors", gate="smooth")
+    gated = SteeredCausalLM.from_checkpoint(CHECKPOINTS / f"{name}.safetensors", gate=GateSettings("smooth"))
     assert torch.equal(gated.gate_probes.coef, tensors["probe_coef"])
     batch = gated.tokenizer(["You are a stupid idiot and I hate you, you", "The weather today is sunny and the"],
                             return_tensors="pt", padding=True)
@@ -403,8 +398,7 @@ def test_the_shipped_gated_checkpoint_carries_its_overlays_settings_and_gates_wi
         steered = SteeredCausalLM.from_checkpoint(CHECKPOINTS / f"smollm2-135m-gated{suffix}")
         model = overlay["model"]
         assert steered.alpha == pytest.approx(model["alpha"]) and steered.fusion == "paper"
-        assert (steered.gate.mode, steered.gate.threshold, steered.gate.temperature) == (
-            model["gate"], model["gate_threshold"], model["gate_temperature"])
+        assert steered.gate == GateSettings(**model["gate"])
         assert torch.equal(steered.gate_probes.coef, tensors["gate_probe_coef"])
         assert not torch.equal(tensors["gate_probe_coef"], tensors["probe_coef"])
     batch = steered.tokenizer(["You are a stupid idiot and I hate you, you", "The weather today is sunny and the"],
@@ -417,7 +411,7 @@ def test_a_gate_or_fusion_changes_which_stored_generations_a_rerun_reuses():
     from destein_pl.evaluation.evaluator import steering_digest
 
     steered = steered_tiny("llama")
-    steered.set_gate("none", random_probes(steered))
+    steered.set_gate(GateSettings("none"), random_probes(steered))
     plain = steering_digest(steered)
     # the default options keep the digest of vectors and head weights alone, so runs made before them still resume
     expected = hashlib.sha256()
@@ -425,10 +419,10 @@ def test_a_gate_or_fusion_changes_which_stored_generations_a_rerun_reuses():
         expected.update(tensor.float().contiguous().numpy().tobytes())
     assert plain == expected.hexdigest()
     digests = {plain}
-    for settings in ({"mode": "smooth"}, {"mode": "smooth", "threshold": 0.4}, {"mode": "hard"}):
+    for settings in (GateSettings("smooth"), GateSettings("smooth", threshold=0.4), GateSettings("hard")):
         steered.set_gate(settings)
         digests.add(steering_digest(steered))
-    steered.set_gate("none")
+    steered.set_gate(GateSettings("none"))
     steered.fusion = "norm_preserving"
     digests.add(steering_digest(steered))
     assert len(digests) == 5

@@ -2,13 +2,12 @@
 
 from destein_pl.calibration.calibrate import Calibration, CalibrationOptions, Calibrator, calibrate
 from destein_pl.calibration.pairs import PairsConfig, SteeringPair, load_pairs, read_pairs
-from destein_pl.calibration.probes import HeadProbes, fit_head_probes
+from destein_pl.calibration.probes import fit_head_probes
 
 __all__ = [
     "Calibration",
     "CalibrationOptions",
     "Calibrator",
-    "HeadProbes",
     "PairsConfig",
     "SteeringPair",
     "calibrate",

@@ -17,12 +17,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from destein_pl.calibration.pairs import NONTOXIC_CUE, TOXIC_CUE, PairsDataset, SteeringPair
-from destein_pl.calibration.probes import HeadProbes, fit_head_probes
+from destein_pl.calibration.probes import fit_head_probes
 from destein_pl.calibration.vectors import HeadWeights, head_weights, steering_vectors
-from destein_pl.steering.checkpoint import FORMAT, architecture_signature, save_steering
-from destein_pl.steering.fusion import Fusion, check_fusion
-from destein_pl.steering.gating import GateProbes, GateSettings, as_gate_settings
+from destein_pl.steering.checkpoint import FORMAT, PROBES_PREFIX, save_steering
+from destein_pl.steering.gating import GateSettings
 from destein_pl.steering.model import SteeredCausalLM
+from destein_pl.steering.operators import operator_for
+from destein_pl.steering.probes import GATE_PREFIX, HEAD_WEIGHT_PREFIX, Probes
 
 SIDES = ("toxic", "nontoxic")
 PLAIN_SIDES = ("toxic_plain", "nontoxic_plain")
@@ -40,10 +41,10 @@ class CalibrationOptions:
         last_k: activations are averaged over each text's last k tokens.
         val_fraction: share of pairs held out to measure probe accuracy (paper: 4:1 split, 0.2).
         probe_seed: seed of that split.
-        fusion: how vectors and activations combine at inference: `paper` (`h + alpha * w * v`, the default),
-            `norm_preserving` or `published` (the authors' code); see `destein_pl.steering.fusion`.
-        gate: whether and how the calibrated probes gate the steering per row (`GateSettings`, a dict of its
-            fields, or a mode name; default `none`: steer every context); see `destein_pl.steering.gating`.
+        fusion: the steering operator at inference: `paper` (`h + alpha * w * v`, the default),
+            `norm_preserving` or `published` (the authors' code); see `destein_pl.steering.operators`.
+        gate: whether and how the calibrated probes gate the steering per row (default `none`: steer every
+            context); see `destein_pl.steering.gating`.
     """
 
     alpha: float = 0.4
@@ -52,12 +53,13 @@ class CalibrationOptions:
     last_k: int = 8
     val_fraction: float = 0.2
     probe_seed: int = 0
-    fusion: Fusion = "paper"
+    fusion: str = "paper"
     gate: GateSettings = field(default_factory=GateSettings)
 
     def __post_init__(self) -> None:
-        check_fusion(self.fusion)
-        self.gate = as_gate_settings(self.gate)
+        operator_for(self.fusion)
+        if not isinstance(self.gate, GateSettings):
+            raise TypeError(f"gate must be GateSettings, got {type(self.gate).__name__}")
         if self.head_weights not in ("probe", "uniform"):
             raise ValueError(f"head_weights must be 'probe' or 'uniform', got {self.head_weights!r}")
         if self.last_k < 1:
@@ -82,7 +84,7 @@ class Calibration:
     """Detoxification vectors `[L, H, D]`: mean over pairs of (non-toxic - toxic) activations."""
     head_weights: Tensor
     """Per-head weights `[L, H]` (probe accuracy, or 1 for uniform weighting; 0 outside the top k heads)."""
-    probes: HeadProbes
+    probes: Probes
     """Probes on the cued pairs: their accuracies weigh the heads (the paper's)."""
     options: CalibrationOptions
     num_pairs: int
@@ -90,12 +92,12 @@ class Calibration:
     """Where the pairs came from (file name and sha256, or hub id; m; seed; cues), for the checkpoint."""
     base_model: dict[str, Any] = field(default_factory=dict)
     """`{"name_or_path", "dtype"}` of the calibrated model, so a checkpoint can rebuild it."""
-    gate_probes: HeadProbes | None = None
+    gate_probes: Probes | None = None
     """Probes on the same pairs without cues, which the gate uses; None: the pairs had no cues, so `probes`.
     Probes fit with cues learn the cue (validation accuracy near 1) and tell little about a context without one."""
 
     @property
-    def probes_for_gate(self) -> HeadProbes:
+    def probes_for_gate(self) -> Probes:
         return self.gate_probes or self.probes
 
     @property
@@ -106,9 +108,7 @@ class Calibration:
         """Set this steering (with its fusion variant and gate) on a model (at `alpha`, default the calibrated one)
         and return the model."""
         steered.set_steering(self.vectors, self.head_weights, self.alpha if alpha is None else alpha)
-        steered.fusion = self.options.fusion
-        gate = self.probes_for_gate
-        steered.set_gate(self.options.gate, GateProbes(gate.coef, gate.intercept, gate.accuracy))
+        steered.configure(fusion=self.options.fusion, gate=self.options.gate, gate_probes=self.probes_for_gate)
         return steered
 
     def metadata(self, steered: SteeredCausalLM) -> dict[str, Any]:
@@ -116,26 +116,27 @@ class Calibration:
         return {
             "format": FORMAT,
             "base_model": self.base_model,
-            "architecture": architecture_signature(steered),
+            "architecture": steered.signature(),
             "alpha": round(self.alpha, 6),
             "options": self.options.metadata(),
             "pairs": self.pairs,
             "mean_probe_accuracy": round(self.probes.accuracy.mean().item(), 6),
         }
 
-    def probe_arrays(self) -> dict[str, Tensor]:
-        arrays = {"probe_accuracy": self.probes.accuracy, "probe_coef": self.probes.coef,
-                  "probe_intercept": self.probes.intercept}
-        if self.gate_probes is not None:
-            arrays.update(gate_probe_accuracy=self.gate_probes.accuracy, gate_probe_coef=self.gate_probes.coef,
-                          gate_probe_intercept=self.gate_probes.intercept)
-        return arrays
+    def probe_arrays(self, prefix: str = "") -> dict[str, Tensor]:
+        """The head-weight probes (`probe_*`) and the gate's (`gate_probe_*`), each name after `prefix`."""
+        arrays = {**self.probes.arrays(HEAD_WEIGHT_PREFIX), **self.probes_for_gate.arrays(GATE_PREFIX)}
+        return {f"{prefix}{k}": v for k, v in arrays.items()}
+
+    def lightning_arrays(self) -> dict[str, Tensor]:
+        """The probes as a Lightning checkpoint's state dict holds them."""
+        return self.probe_arrays(PROBES_PREFIX)
 
     def save(self, path: str | Path, steered: SteeredCausalLM, heatmap: bool = True) -> Path:
         """Write `<path>.safetensors` with `<path>.json`, and `<stem>-probes.png` (probe accuracy per head),
         for a model steered with this calibration; load it with `SteeredCausalLM.from_checkpoint`."""
         path = Path(path).with_suffix(".safetensors")
-        save_steering(path, steered, self.metadata(steered), self.probe_arrays())
+        save_steering(path, {**steered.steering_tensors(), **self.probe_arrays()}, self.metadata(steered))
         if heatmap:
             from destein_pl.plots import probe_heatmap
 
@@ -159,8 +160,7 @@ class Calibrator:
         self.options = options or CalibrationOptions()
         self._recorded: dict[str, list[Tensor]] = {side: [] for side in SIDES + PLAIN_SIDES}
         self._indices: list[Tensor] = []
-        steered.set_gate(None)
-        steered.fusion = "paper"
+        steered.configure(fusion="paper", gate=GateSettings())
         steered.set_steering(torch.zeros(steered.num_layers, steered.num_heads, steered.head_dim),
                              torch.zeros(steered.num_layers, steered.num_heads), alpha=0.0)
 

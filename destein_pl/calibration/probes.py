@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 
-
-@dataclass
-class HeadProbes:
-    """One logistic-regression probe per head, kept as plain arrays (never pickled estimators)."""
-
-    accuracy: Tensor
-    """Validation accuracy, `[L, H]`, in [0, 1]."""
-    coef: Tensor
-    """Weights, `[L, H, D]`; a positive score means toxic."""
-    intercept: Tensor
-    """Biases, `[L, H]`."""
+from destein_pl.steering.probes import Probes
 
 
 def split_pairs(num_pairs: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -33,7 +21,7 @@ def split_pairs(num_pairs: int, val_fraction: float, seed: int) -> tuple[np.ndar
     return np.sort(order[num_val:]), np.sort(order[:num_val])
 
 
-def fit_head_probes(toxic: Tensor, nontoxic: Tensor, val_fraction: float = 0.2, seed: int = 0) -> HeadProbes:
+def fit_head_probes(toxic: Tensor, nontoxic: Tensor, val_fraction: float = 0.2, seed: int = 0) -> Probes:
     """Fit a probe for every head on paired activations `[N, L, H, D]` (paper: 4:1 train/validation split)."""
     if toxic.shape != nontoxic.shape or toxic.dim() != 4:
         raise ValueError(
@@ -54,4 +42,4 @@ def fit_head_probes(toxic: Tensor, nontoxic: Tensor, val_fraction: float = 0.2, 
             accuracy[layer, head] = probe.score(x(val), y_val)
             coef[layer, head], intercept[layer, head] = probe.coef_[0], probe.intercept_[0]
     as_tensor = lambda a: torch.from_numpy(a).float()  # noqa: E731
-    return HeadProbes(as_tensor(accuracy), as_tensor(coef), as_tensor(intercept))
+    return Probes(as_tensor(coef), as_tensor(intercept), as_tensor(accuracy))

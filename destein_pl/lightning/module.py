@@ -20,9 +20,8 @@ from destein_pl.evaluation.evaluator import Evaluator
 from destein_pl.evaluation.metrics import METRIC_NAMES
 from destein_pl.evaluation.runs import SUBSETS
 from destein_pl.lightning.strategies import DeSteinFSDPStrategy
-from destein_pl.steering.checkpoint import METADATA_KEY, STEER_KEY_MARK, apply_checkpoint_state
-from destein_pl.steering.fusion import Fusion
-from destein_pl.steering.gating import GateMode, GateSettings
+from destein_pl.steering.checkpoint import METADATA_KEY, STEER_KEY_MARK
+from destein_pl.steering.gating import GateSettings
 from destein_pl.steering.loading import device_map_for, load_base_model
 from destein_pl.steering.model import SteeredCausalLM
 from destein_pl.steering.sharding import load_sharded, world_mesh
@@ -50,20 +49,15 @@ class DeSteinModule(L.LightningModule):
         last_k: activations are averaged over each text's last k tokens.
         val_fraction: share of pairs held out to measure probe accuracy (paper: 4:1 split, 0.2).
         probe_seed: seed of that split.
-        fusion: how each head's vector combines with its activation: `paper` (`h + alpha * w * v` before the output
-            projection), `norm_preserving` (the same shift, then each head's output rescaled to its unsteered norm)
-            or `published` (the authors' code: a normalized shift of the attention output after the projection).
-            None: the checkpoint's when testing (`paper` for checkpoints that name none), `paper` when calibrating.
-        gate: `none` (steer every context, as the paper), `hard` or `smooth`: scale each row's alpha by a gate in
-            [0, 1] from the calibrated probes' mean toxic probability on the row's context (read from the
-            unsteered model, updated at every generated token): `hard` steers where it reaches `gate_threshold`,
-            `smooth` by `sigmoid((score - gate_threshold) / gate_temperature)`. None: the checkpoint's gate
-            settings when testing (`none` for checkpoints that name none), `none` when calibrating; when set, all
-            five `gate*` arguments replace the checkpoint's.
-        gate_threshold: probe score in [0, 1] at which the gate opens (hard) or is one half (smooth).
-        gate_temperature: width of the smooth gate, in score units (> 0).
-        gate_heads: the gate reads the probes of this many heads, the most accurate ones.
-        gate_window: the score averages the probe logits over the row's last this many positions.
+        fusion: the steering operator (`destein_pl.steering.operators`): `paper` (`h + alpha * w * v` before the
+            output projection), `norm_preserving` (the same shift, then each head's output rescaled to its
+            unsteered norm) or `published` (the authors' code: a normalized shift of the attention output after the
+            projection). None: the checkpoint's when testing, `paper` when calibrating.
+        gate: how the calibrated probes gate the steering (`GateSettings`: `mode` `none`, `hard` or `smooth`,
+            `threshold`, `temperature`, `heads`, `window`): each row's alpha is scaled by a gate in [0, 1] from the
+            probes' mean toxic probability on the row's context (read from the unsteered model, updated at every
+            generated token). None: the checkpoint's gate when testing, `none` when calibrating; when given, the
+            whole setting replaces the checkpoint's.
         evaluation: how `test` generates and scores (RealToxicityPrompts protocol; see `EvaluationConfig`).
     """
 
@@ -77,19 +71,17 @@ class DeSteinModule(L.LightningModule):
         last_k: int = 8,
         val_fraction: float = 0.2,
         probe_seed: int = 0,
-        fusion: Fusion | None = None,
-        gate: GateMode | None = None,
-        gate_threshold: float = 0.5,
-        gate_temperature: float = 0.05,
-        gate_heads: int = 16,
-        gate_window: int = 8,
+        fusion: str | None = None,
+        gate: GateSettings | None = None,
         evaluation: EvaluationConfig = EvaluationConfig(),  # noqa: B008 (a dataclass, never mutated)
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["evaluation"])  # evaluation settings do not belong in a checkpoint
-        gate_settings = GateSettings(gate or "none", gate_threshold, gate_temperature, gate_heads, gate_window)
+        # Evaluation settings do not belong in a checkpoint; the gate's are in its metadata (as plain values).
+        self.save_hyperparameters(ignore=["evaluation", "gate"])
+        self.fusion, self.gate = fusion, gate
+        """What `test` puts in place of the checkpoint's fusion and gate (None: keep the checkpoint's)."""
         self.options = CalibrationOptions(alpha, head_weights, top_k_heads, last_k, val_fraction, probe_seed,
-                                          fusion or "paper", gate_settings)
+                                          fusion or "paper", gate or GateSettings())
         self.evaluation = evaluation
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the steering buffers, not the frozen base weights
@@ -167,7 +159,7 @@ class DeSteinModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if STEER_KEY_MARK in k}
         if self.calibration is not None:
-            checkpoint["state_dict"].update({f"probes.{k}": v for k, v in self.calibration.probe_arrays().items()})
+            checkpoint["state_dict"].update(self.calibration.lightning_arrays())
             checkpoint[METADATA_KEY] = self.calibration.metadata(self.steered)
         # The data module's arguments hold a local file path; the pairs' provenance is in the metadata instead.
         for key in ("datamodule_hyper_parameters", "datamodule_hparams_name"):
@@ -180,13 +172,8 @@ class DeSteinModule(L.LightningModule):
             log.warning("%s was calibrated on %r; evaluating it on model.base_model %r (the architecture is checked)",
                         self.checkpoint_source, recorded["name_or_path"], self.hparams.base_model)
         # Check the checkpoint fits this model before Lightning loads its buffers (non-strictly).
-        apply_checkpoint_state(self.steered, checkpoint["state_dict"], checkpoint.get(METADATA_KEY),
-                               self.checkpoint_source)
-        # fusion and gate given to this module replace the checkpoint's (None keeps them)
-        if self.hparams.get("fusion") is not None:
-            self.steered.fusion = self.options.fusion
-        if self.hparams.get("gate") is not None:
-            self.steered.set_gate(self.options.gate)
+        self.steered.load_steering(checkpoint["state_dict"], checkpoint.get(METADATA_KEY), self.checkpoint_source)
+        self.steered.configure(fusion=self.fusion, gate=self.gate)
 
     def export_steering(self, ckpt_path: Path) -> None:
         """Write `<stem>.safetensors`, `<stem>.json` and `<stem>-probes.png` beside a Lightning checkpoint."""

@@ -1,5 +1,5 @@
-"""Steering a causal LM: the architecture registry, the steered model, activation recording, checkpoint files and
-base-model loading."""
+"""Steering a causal LM: the architecture registry, the steering operators, the steered model, the probe gate,
+activation recording, checkpoint files, base-model loading, folding and export."""
 
 from destein_pl.steering.architectures import (
     ARCHITECTURES,
@@ -9,10 +9,11 @@ from destein_pl.steering.architectures import (
 )
 from destein_pl.steering.checkpoint import CheckpointError, CheckpointMismatchError, read_checkpoint, save_steering
 from destein_pl.steering.export import ExportError
-from destein_pl.steering.fusion import FUSIONS
-from destein_pl.steering.gating import GATE_MODES, GateProbes, GateSettings
+from destein_pl.steering.gating import GATE_MODES, GateSettings
 from destein_pl.steering.loading import BUILTIN_MODELS, load_base_model
 from destein_pl.steering.model import SteeredCausalLM
+from destein_pl.steering.operators import OPERATORS, SteeringOperator
+from destein_pl.steering.probes import Probes
 
 __all__ = [
     "ARCHITECTURES",
@@ -21,11 +22,12 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "ExportError",
-    "FUSIONS",
     "GATE_MODES",
-    "GateProbes",
     "GateSettings",
+    "OPERATORS",
+    "Probes",
     "SteeredCausalLM",
+    "SteeringOperator",
     "UnsupportedArchitectureError",
     "architecture_for",
     "load_base_model",

@@ -32,7 +32,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from destein_pl.files import write_atomic
 from destein_pl.steering.architectures import Architecture
-from destein_pl.steering.checkpoint import read_checkpoint
+from destein_pl.steering.checkpoint import check_format, read_checkpoint, steering_options
 from destein_pl.steering.folding import add_zero_biases, check_foldable, fold, has_steering
 from destein_pl.steering.gguf_export import export_gguf
 from destein_pl.steering.loading import DTYPES
@@ -74,11 +74,11 @@ def export(
             the folded model's logits (format `hf`; a GGUF copy is always checked tensor by tensor).
     """
     ckpt, target, results_path = check_arguments(ckpt_path, out, dtype, format, results, overwrite)
-    _, metadata = read_checkpoint(ckpt)
+    tensors, metadata = read_checkpoint(ckpt)
     if metadata is None or "base_model" not in metadata:
         raise ValueError(f"ckpt_path: {ckpt} is not a destein-pl steering checkpoint (no base model recorded)")
-    options = metadata.get("options") or {}
-    check_foldable(options.get("fusion", "paper"), (options.get("gate") or {}).get("mode", "none"))
+    fusion, gate, _ = steering_options(tensors, check_format(metadata, ckpt), ckpt)
+    check_foldable(fusion, gate.mode)
     run_results = read_results(results_path) if results_path else None
     with staged_folder(target, overwrite) as folder:
         if format == "gguf":

@@ -9,48 +9,47 @@ the weights' dtype). Where the family's stock class has a config flag that creat
 MPT) the bias works in memory only, and `destein_pl.steering.export` writes an equivalent stock architecture or
 refuses. A steering that is all zero (alpha 0) folds to the base model itself: no bias is added, no weight changes.
 
-Only the paper's fusion without a gate is a constant bias: a gated steering depends on the context, and the
-`norm_preserving` and `published` fusions are non-linear in the activations, so `fold` refuses them
-(`NotFoldableError`, naming the option).
+Only an operator that declares it folds (`SteeringOperator.folds`: the paper's), without a gate, is a constant bias:
+a gated steering depends on the context, and the `norm_preserving` and `published` operators are non-linear in the
+activations, so `fold` refuses them (`NotFoldableError`, naming the option).
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
 from destein_pl.steering.architectures import Architecture
-from destein_pl.steering.fusion import CONSTANT_FUSIONS
-from destein_pl.steering.model import SteeredAttention, SteeredCausalLM
-
-STEER_BUFFERS = ("steer_vectors", "steer_head_weights", "steer_alpha")
-STEER_ATTRIBUTES = ("steer_layer_idx", "steer_recorder", "steer_fusion", "steer_gate", "steer_tap")
-_STEER_HOOKS = (SteeredAttention._steer_projection_input, SteeredAttention._steer_projection_output)
+from destein_pl.steering.attention import unwrap_block
+from destein_pl.steering.operators import OPERATORS, SteeringOperator, operator_for, projected
 
 
 class NotFoldableError(ValueError):
-    """A steering that is not a constant bias on the output projections (a gate, or a non-linear fusion)."""
+    """A steering that is not a constant bias on the output projections (a gate, or a non-linear operator)."""
 
 
-def check_foldable(fusion: str = "paper", gate: str = "none") -> None:
-    """Refuse, naming the option, a fusion variant or gate mode that cannot be folded into a bias."""
-    if fusion not in CONSTANT_FUSIONS:
-        raise NotFoldableError(f"cannot fold fusion={fusion!r} into a bias: it is not a constant offset (it depends on "
-                               f"each activation); only fusion='paper' folds. Serve it with destein-pl instead")
+def check_foldable(fusion: str | SteeringOperator = "paper", gate: str = "none") -> None:
+    """Refuse, naming the option, a steering operator or gate mode that cannot be folded into a bias."""
+    operator = operator_for(fusion) if isinstance(fusion, str) else fusion
+    if not operator.folds:
+        raise NotFoldableError(f"cannot fold fusion={operator.name!r} into a bias: it is not a constant offset (it "
+                               f"depends on each activation); only operators that fold do "
+                               f"({', '.join(n for n, c in OPERATORS.items() if c.folds)}). Serve it with destein-pl "
+                               f"instead")
     if gate != "none":
         raise NotFoldableError(f"cannot fold gate={gate!r} into a bias: a probe-gated steering depends on the context; "
                                f"only gate='none' folds. Serve it with destein-pl instead")
 
 
-def fold(steered: SteeredCausalLM, inplace: bool = False) -> PreTrainedModel:
+def fold(steered: Any, inplace: bool = False) -> PreTrainedModel:
     """An unwrapped Hugging Face model computing what `steered` computes, the steering folded into the output
     projections' biases.
 
-    By default the result is a deep copy and `steered` keeps working unchanged. With `inplace=True` the wrapped
+    `steered` is a `SteeredCausalLM`. By default the result is a deep copy and `steered` keeps working unchanged. With `inplace=True` the wrapped
     model itself is restored to its original attention classes and folded (no second copy in memory, e.g. for
     export); `steered` must not be used afterwards.
     """
@@ -71,31 +70,9 @@ def fold(steered: SteeredCausalLM, inplace: bool = False) -> PreTrainedModel:
     return model
 
 
-def has_steering(steered: SteeredCausalLM) -> bool:
+def has_steering(steered: Any) -> bool:
     """Whether any layer adds a non-zero vector (else the folded model is the base model)."""
     return any(bool(block.steering_offset().any()) for block in steered.blocks)
-
-
-def unwrap_block(block: SteeredAttention, projection: nn.Module) -> None:
-    """Restore a steered attention block to its original class: remove its hooks and its buffers."""
-    for hooks, with_kwargs in ((projection._forward_pre_hooks, projection._forward_pre_hooks_with_kwargs),
-                               (projection._forward_hooks, projection._forward_hooks_with_kwargs)):
-        for key, hook in list(hooks.items()):
-            if getattr(hook, "__func__", None) in _STEER_HOOKS and hook.__self__ is block:
-                del hooks[key]
-                with_kwargs.pop(key, None)
-                projection._forward_hooks_always_called.pop(key, None)
-    for name in (*STEER_BUFFERS, *STEER_ATTRIBUTES):
-        delattr(block, name)
-    block.__class__ = original_class(type(block))
-
-
-def original_class(steered_class: type) -> type:
-    """The attention class that `SteeredCausalLM` subclassed into `steered_class`."""
-    bases = [base for base in steered_class.__bases__ if base is not SteeredAttention]
-    if len(bases) != 1 or SteeredAttention not in steered_class.__bases__:
-        raise TypeError(f"{steered_class.__name__} is not a generated steered attention class")
-    return bases[0]
 
 
 def add_bias_slots(model: PreTrainedModel, architecture: Architecture, model_type: str | None = None) -> None:
@@ -127,28 +104,13 @@ def ensure_bias(linear: nn.Module) -> None:
                                requires_grad=False)
 
 
-def projected_offset(projection: nn.Module, offset: Tensor) -> Tensor:
-    """`W d` in float64: what the projection adds to its output for `d` added to its input."""
-    weight = projection.weight.detach()
-    if weight.device.type == "meta" or not weight.is_floating_point():
-        raise TypeError(f"cannot fold into a {type(projection).__name__} with {weight.dtype} weights on "
-                        f"{weight.device}; load the model with real floating-point weights")
-    weight = weight.to(torch.float64)
-    offset = offset.to(device=weight.device, dtype=torch.float64)
-    if isinstance(projection, Conv1D):  # GPT-2 stores the weight as [in, out]: y = x W + b
-        return offset @ weight
-    if isinstance(projection, nn.Linear):
-        return weight @ offset
-    raise TypeError(f"cannot fold into a {type(projection).__name__}; expected nn.Linear or Conv1D")
-
-
 @torch.no_grad()
 def add_to_bias(projection: nn.Module, offset: Tensor) -> None:
     """`b <- b + W d`, rounded once to the bias dtype; a zero `d` leaves `b` bit-identical."""
     if not offset.any():
         return
     bias = projection.bias
-    bias.copy_((bias.to(torch.float64) + projected_offset(projection, offset)).to(bias.dtype))
+    bias.copy_((bias.to(torch.float64) + projected(projection, offset, torch.float64)).to(bias.dtype))
 
 
 def folded_biases(model: PreTrainedModel, architecture: Architecture) -> list[Tensor | None]:

@@ -35,8 +35,9 @@ A row's gate depends only on that row's tokens, so a continuation does not depen
 number of processes; a cached step gives the gate of a full forward over the whole sequence (window sums are taken
 in a fixed order, so they do not depend on how the sequence was split into forwards).
 
-**What the checkpoint stores.** The probes' coefficients `[L, H, D]`, intercepts `[L, H]` and accuracies
-`[L, H]` (tensors `probe_coef`, `probe_intercept`, `probe_accuracy`; `probes.*` in a Lightning `.ckpt`) and the
+**What the checkpoint stores.** The gate's probes (`Probes`: coefficients `[L, H, D]`, intercepts `[L, H]` and
+accuracies `[L, H]`, fit on the pairs without their cues; tensors `gate_probe_coef`, `gate_probe_intercept`,
+`gate_probe_accuracy`, under `probes.` in a Lightning `.ckpt`) and the
 settings under `options.gate` in the metadata. No activation scaling is needed: `calibration.probes` fits its
 logistic regressions on the raw (unstandardized) float activations, so coefficients and intercepts apply to raw
 activations as they are (metadata `probe_scaling: none`; a checkpoint naming any other scaling is refused).
@@ -50,7 +51,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 import torch
@@ -59,6 +60,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from destein_pl.steering.architectures import Architecture
+from destein_pl.steering.attention import Scale
+from destein_pl.steering.probes import Probes
 
 GateMode = Literal["none", "hard", "smooth"]
 GATE_MODES: tuple[str, ...] = ("none", "hard", "smooth")
@@ -109,15 +112,28 @@ class GateSettings:
         return {**asdict(self), "probe_scaling": PROBE_SCALING}
 
     @classmethod
-    def from_metadata(cls, data: dict[str, Any] | None) -> GateSettings:
-        """Settings from checkpoint metadata (`options.gate`); missing: `none`."""
-        if not data:
+    def from_metadata(cls, data: Any) -> GateSettings:
+        """Settings from checkpoint metadata (`options.gate`, a mapping of these fields); missing: `none`."""
+        if data is None:
             return cls()
+        if not isinstance(data, dict):
+            raise ValueError(f"options.gate must be a mapping of {', '.join(f.name for f in fields(cls))}; got "
+                             f"{type(data).__name__} {data!r}")
         scaling = data.get("probe_scaling", PROBE_SCALING)
         if scaling != PROBE_SCALING:
             raise ValueError(f"the gate's probes expect activation scaling {scaling!r}, which this version does not "
                              f"know (it applies probes to raw activations: {PROBE_SCALING!r})")
-        return cls(**{k: data[k] for k in ("mode", "threshold", "temperature", "heads", "window") if k in data})
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(data) - set(known) - {"probe_scaling"})
+        if unknown:
+            raise ValueError(f"options.gate has unknown keys {unknown}; known: {', '.join(known)}")
+        for name in ("threshold", "temperature", "heads", "window"):
+            value = data.get(name, 0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"options.gate.{name} must be a number, got {value!r}")
+        if not isinstance(data.get("mode", "none"), str):
+            raise ValueError(f"options.gate.mode must be one of {', '.join(GATE_MODES)}, got {data['mode']!r}")
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def __call__(self, score: Tensor) -> Tensor:
         """The gate, in [0, 1], for scores (mean toxic probabilities); monotone non-decreasing."""
@@ -126,61 +142,6 @@ class GateSettings:
         if self.mode == "smooth":
             return torch.sigmoid((score - self.threshold) / self.temperature)
         return torch.ones_like(score)
-
-
-def as_gate_settings(value: GateSettings | dict[str, Any] | str | None) -> GateSettings:
-    """`GateSettings` from settings, a dict of them, a mode name, or None (`none`)."""
-    if value is None:
-        return GateSettings()
-    if isinstance(value, GateSettings):
-        return value
-    if isinstance(value, str):
-        return GateSettings(mode=value)
-    if isinstance(value, dict):
-        return GateSettings.from_metadata(value)
-    raise TypeError(f"gate settings must be GateSettings, a dict, a mode name or None; got {type(value).__name__}")
-
-
-@dataclass
-class GateProbes:
-    """The calibrated probes, as the gate uses them: raw-activation logistic regressions, one per head."""
-
-    coef: Tensor
-    """`[L, H, D]`; a positive logit means toxic."""
-    intercept: Tensor
-    """`[L, H]`."""
-    accuracy: Tensor
-    """`[L, H]` validation accuracy; chooses the gate heads."""
-
-    def __post_init__(self) -> None:
-        self.coef, self.intercept, self.accuracy = (torch.as_tensor(t).detach().float().cpu()
-                                                    for t in (self.coef, self.intercept, self.accuracy))
-        if self.coef.dim() != 3 or self.intercept.shape != self.coef.shape[:2] or \
-                self.accuracy.shape != self.coef.shape[:2]:
-            raise ValueError(f"probes must be coef [L, H, D], intercept [L, H] and accuracy [L, H]; got "
-                             f"{list(self.coef.shape)}, {list(self.intercept.shape)}, {list(self.accuracy.shape)}")
-        if not all(torch.isfinite(t).all() for t in (self.coef, self.intercept, self.accuracy)):
-            raise ValueError("probes contain NaN or infinite values")
-
-    def top_heads(self, k: int) -> list[tuple[int, int]]:
-        """The (layer, head) of the `k` most accurate probes (all heads if fewer), by layer then head."""
-        order = torch.sort(self.accuracy.flatten(), descending=True, stable=True).indices[:k]
-        num_heads = self.accuracy.shape[1]
-        return sorted((int(i) // num_heads, int(i) % num_heads) for i in order)
-
-    def arrays(self) -> dict[str, Tensor]:
-        return {"probe_accuracy": self.accuracy, "probe_coef": self.coef, "probe_intercept": self.intercept}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor]) -> GateProbes | None:
-        """The gate's probes among checkpoint tensors: `gate_probe_*` (fit on the pairs without cues), else the
-        head-weight probes `probe_*` (checkpoints made before the gate probes existed); `probes.` before each name in
-        a Lightning state dict."""
-        for prefix in ("gate_", "probes.gate_", "", "probes."):
-            names = [f"{prefix}probe_{k}" for k in ("coef", "intercept", "accuracy")]
-            if all(n in tensors for n in names):
-                return cls(*(tensors[n] for n in names))
-        return None
 
 
 class GateHistory(DynamicLayer):
@@ -209,11 +170,11 @@ def gate_state(cache: Any) -> tuple[list[Any], GateHistory] | None:
 
 
 class ProbeGate:
-    """The gate of one wrapped model: forward hooks on the causal LM that run the shadow pass and set each attention
-    block's `steer_gate` (`[batch, seq]`) for the forward, then clear it. Holds references only to the model (and
-    tensors), so a deep copy of the model carries a coherent copy of its gate."""
+    """The gate of one wrapped model, a modifier of its steering: forward hooks on the causal LM run the shadow pass
+    and hold the forward's gate (`[batch, seq]`), which every steered attention block reads through `scale()`. Holds
+    references only to the model (and tensors), so a deep copy of the model carries a coherent copy of its gate."""
 
-    def __init__(self, model: nn.Module, architecture: Architecture, settings: GateSettings, probes: GateProbes):
+    def __init__(self, model: nn.Module, architecture: Architecture, settings: GateSettings, probes: Probes):
         if not settings.enabled:
             raise ValueError("ProbeGate needs a gate mode other than 'none'")
         base = model.base_model
@@ -232,6 +193,7 @@ class ProbeGate:
         base_params = inspect.signature(base.forward).parameters
         self.cache_arg = "cache" if "cache" in base_params else "past_key_values"
         self._logits: list[Tensor] = []
+        self._scale: Scale = True
         self._pending: tuple[list[Any], GateHistory] | None = None
         self._handles = [model.register_forward_pre_hook(self._before, with_kwargs=True),
                          model.register_forward_hook(self._after, with_kwargs=True)]
@@ -240,16 +202,23 @@ class ProbeGate:
         """Remove the hooks (the model is then ungated)."""
         for handle in self._handles:
             handle.remove()
-        for block in self.architecture.attention_blocks(self.model):
-            block.steer_gate = None
+        self._scale = True
+
+    def scale(self) -> Scale:
+        """The current forward's gate `[batch, seq]`; True (all of alpha) outside a gated forward, False (nothing)
+        during the shadow pass."""
+        return self._scale
 
     # ---- the shadow pass -----------------------------------------------------------------------------------
-    def _tap(self, layer: int, hidden: Tensor) -> None:
-        tap = self.taps.get(layer)
-        if tap is not None:
-            index, coef, intercept = (t.to(hidden.device) for t in tap)
-            heads = hidden.float().unflatten(-1, (-1, coef.shape[-1]))[..., index, :]  # [B, T, k, D]
-            self._logits.append((heads * coef).sum(dim=-1) + intercept)
+    def _tap(self, layer: int) -> Any:
+        index, coef, intercept = self.taps[layer]
+
+        def tap(module: nn.Module, args: tuple[Any, ...]) -> None:
+            hidden = args[0]
+            heads = hidden.float().unflatten(-1, (-1, coef.shape[-1]))[..., index.to(hidden.device), :]  # [B,T,k,D]
+            self._logits.append((heads * coef.to(hidden.device)).sum(dim=-1) + intercept.to(hidden.device))
+
+        return tap
 
     def _stop(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         raise _ShadowDone  # after the deepest gate layer has finished (and its own hooks, e.g. FSDP's, have run)
@@ -257,19 +226,18 @@ class ProbeGate:
     @torch.no_grad()
     def _probe_logits(self, inputs: dict[str, Any], shadow: Any) -> Tensor:
         """Each gate head's probe logit at every position of this forward, `[B, T, K]`, from the base model."""
-        blocks = self.architecture.attention_blocks(self.model)
-        self._logits = []
-        for block in blocks:
-            block.steer_tap = self._tap
-        stop = self.architecture.layer_modules(self.model)[self.last_layer].register_forward_hook(self._stop)
+        projections = self.architecture.projections(self.model)
+        self._logits, self._scale = [], False  # steering off: the taps read the unsteered activations
+        handles = [projections[layer].register_forward_pre_hook(self._tap(layer)) for layer in self.taps]
+        handles.append(self.architecture.layer_modules(self.model)[self.last_layer].register_forward_hook(self._stop))
         try:
             self.model.base_model(**inputs, **{self.cache_arg: shadow}, use_cache=shadow is not None)
         except _ShadowDone:
             pass
         finally:
-            stop.remove()
-            for block in blocks:
-                block.steer_tap = None
+            for handle in handles:
+                handle.remove()
+            self._scale = True
         logits, self._logits = torch.cat(self._logits, dim=-1), []
         return logits
 
@@ -343,11 +311,8 @@ class ProbeGate:
         return {**dict(zip(self.forward_params, args)), **kwargs}
 
     def _before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        blocks = self.architecture.attention_blocks(module)
-        self._pending = None
-        for block in blocks:
-            block.steer_gate = None
-        if float(blocks[0].steer_alpha) == 0:
+        self._pending, self._scale = None, True
+        if float(self.architecture.attention_blocks(module)[0].steer_alpha) == 0:
             return  # nothing to gate: the base model exactly, at no extra cost
         named = self._named(args, kwargs)
         cache = next((named[k] for k in _CACHE_ARGS if named.get(k) is not None), None)
@@ -355,13 +320,10 @@ class ProbeGate:
         if use_cache is None:
             use_cache = getattr(module.config, "use_cache", False)
         inputs = {k: named[k] for k in _INPUTS if named.get(k) is not None}
-        gate, _ = self.gate(inputs, cache, caching=cache is not None or bool(use_cache))
-        for block in blocks:
-            block.steer_gate = gate
+        self._scale, _ = self.gate(inputs, cache, caching=cache is not None or bool(use_cache))
 
     def _after(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        for block in self.architecture.attention_blocks(module):
-            block.steer_gate = None
+        self._scale = True
         pending, self._pending = self._pending, None
         if pending is None:
             return

@@ -1,104 +1,46 @@
 """`SteeredCausalLM`: a Hugging Face causal LM whose attention blocks add a per-head detoxification vector.
 
-Each attention block of the wrapped model is turned, in place, into an instance of a generated subclass of its
-own class (`SteeredLlamaAttention`, ...). The subclass carries three non-learned buffers and edits the input of
-the block's output projection, i.e. the concatenated per-head outputs, at every position:
+Each attention block of the wrapped model is turned, in place, into a steered subclass of its own class
+(`destein_pl.steering.attention`) holding three non-learned buffers, and by default its output projection's input,
+i.e. the concatenated per-head outputs, is edited at every position:
 
     h'[head] = h[head] + alpha * w[head] * v[head]
 
 with `v` the head's detoxification vector and `w` its weight (its probe's validation accuracy, or 1 for uniform
 weighting). With all buffers at zero (the initial state) the model computes exactly what the base model computes.
 
-Two options change that formula (both off by default, where the model computes exactly the formula above):
-`fusion` selects how the vectors are combined with the activations (`paper`, `norm_preserving`, `published`;
-`destein_pl.steering.fusion`), and `gate` scales each row's alpha by how toxic the calibrated probes find its
-context (`destein_pl.steering.gating`).
+Two settings change that formula, both applied in one place (`configure`): `fusion` names the steering operator
+(`paper`, the formula above, `norm_preserving` or `published`; `destein_pl.steering.operators`), and `gate` scales
+each row's alpha by how toxic the calibrated probes find its context (`destein_pl.steering.gating`).
 """
 
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from destein_pl.steering import fusion as fusions
 from destein_pl.steering.activations import LastTokensRecorder
 from destein_pl.steering.architectures import Architecture, architecture_for
-from destein_pl.steering.checkpoint import load_steered
-from destein_pl.steering.gating import GateProbes, GateSettings, ProbeGate, as_gate_settings
-
-Recorder = Callable[[int, Tensor], None]
-
-
-class SteeredAttention(nn.Module):
-    """Mixin of the generated attention subclasses; holds the steering buffers of one layer.
-
-    Besides the buffers, plain attributes: `steer_fusion` (the fusion variant), `steer_gate` (the gate `[batch, seq]`
-    of the current forward, set and cleared by the model's `ProbeGate`; None: ungated) and `steer_tap` (set only
-    during the gate's unsteered shadow pass: it reads the projection input, and nothing is steered).
-    """
-
-    steer_vectors: Tensor
-    steer_head_weights: Tensor
-    steer_alpha: Tensor
-
-    def _init_steering(self, layer_idx: int, num_heads: int, head_dim: int, projection: nn.Module) -> None:
-        weight = projection.weight
-        self.steer_layer_idx = layer_idx
-        self.steer_recorder: Recorder | None = None
-        self.register_buffer("steer_vectors", torch.zeros(num_heads, head_dim, device=weight.device))
-        self.register_buffer("steer_head_weights", torch.zeros(num_heads, device=weight.device))
-        self.register_buffer("steer_alpha", torch.zeros((), device=weight.device))
-        self.steer_fusion: str = "paper"
-        self.steer_gate: Tensor | None = None
-        self.steer_tap: Callable[[int, Tensor], None] | None = None
-        # Bound methods (not closures) so that copy.deepcopy rebinds the hooks to the copied block.
-        projection.register_forward_pre_hook(self._steer_projection_input)
-        projection.register_forward_hook(self._steer_projection_output)
-
-    def steering_offset(self) -> Tensor:
-        """The vector added to the projection input, `[num_heads * head_dim]`, in float32."""
-        weighted = self.steer_alpha.float() * self.steer_head_weights.float()[:, None] * self.steer_vectors.float()
-        return weighted.reshape(-1)
-
-    def _steer_projection_input(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        hidden, *rest = args
-        if self.steer_tap is not None:  # the gate's shadow pass: read the unsteered activations, steer nothing
-            self.steer_tap(self.steer_layer_idx, hidden)
-            return None
-        fusion, gate = self.steer_fusion, self.steer_gate
-        if fusion == "paper" and gate is None:
-            hidden = hidden + self.steering_offset().to(device=hidden.device, dtype=hidden.dtype)
-        elif fusion == "paper":
-            hidden = fusions.paper(hidden, self.steering_offset(), gate)
-        elif fusion == "norm_preserving":
-            hidden = fusions.norm_preserving(hidden, self.steering_offset(), self.steer_vectors.shape[0], gate)
-        if self.steer_recorder is not None:
-            self.steer_recorder(self.steer_layer_idx, hidden)
-        return (hidden, *rest)
-
-    def _steer_projection_output(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
-        """The `published` fusion, which acts on the projection output; nothing for the other variants."""
-        if self.steer_fusion != "published" or self.steer_tap is not None:
-            return None
-        if float(self.steer_alpha) == 0 or not self.steer_vectors.any():
-            return None  # zero steering is the base model exactly
-        direction = fusions.published_direction(module, self.steer_vectors, self.steer_head_weights)
-        return fusions.published(output, direction, self.steer_alpha, self.steer_gate)
-
-
-_STEERED_CLASSES: dict[type, type] = {}
-
-
-def _steered_class(cls: type[nn.Module]) -> type[nn.Module]:
-    if cls not in _STEERED_CLASSES:
-        _STEERED_CLASSES[cls] = type(f"Steered{cls.__name__}", (SteeredAttention, cls), {"__module__": __name__})
-    return _STEERED_CLASSES[cls]
+from destein_pl.steering.attention import SteeredAttention, steered_class
+from destein_pl.steering.checkpoint import (
+    LIGHTNING_PREFIX,
+    STEER_KEY_MARK,
+    CheckpointError,
+    check_finite,
+    check_format,
+    check_signature,
+    read_checkpoint,
+    steering_options,
+)
+from destein_pl.steering.folding import fold
+from destein_pl.steering.gating import GateSettings, ProbeGate
+from destein_pl.steering.loading import load_base_model
+from destein_pl.steering.operators import SteeringOperator, operator_for
+from destein_pl.steering.probes import Probes
 
 
 def _projection_width(projection: nn.Module) -> int | None:
@@ -141,10 +83,11 @@ class SteeredCausalLM(nn.Module):
                     f"layer {layer_idx}: {self.architecture.projection} takes {width} features, expected "
                     f"num_heads * head_dim = {self.num_heads} * {self.head_dim}"
                 )
-            block.__class__ = _steered_class(type(block))
-            block._init_steering(layer_idx, self.num_heads, self.head_dim, projection)
-        self.gate_probes: GateProbes | None = None
+            block.__class__ = steered_class(type(block))
+            block._init_steering(self.num_heads, self.head_dim, projection)
+        self.gate_probes: Probes | None = None
         """The calibrated probes the gate reads (set by calibration or a checkpoint that has them)."""
+        self._operator: SteeringOperator = blocks[0].steer_operator
         self._gate_settings = GateSettings()
         self._gate: ProbeGate | None = None
 
@@ -180,12 +123,6 @@ class SteeredCausalLM(nn.Module):
         return torch.stack([b.steer_head_weights.detach().cpu() for b in self.blocks])
 
     @property
-    def probe_weights(self) -> Tensor:
-        """Deprecated name of `head_weights`."""
-        warnings.warn("SteeredCausalLM.probe_weights is deprecated; use head_weights", DeprecationWarning, 2)
-        return self.head_weights
-
-    @property
     def alpha(self) -> float:
         """Steering strength, shared by all layers."""
         return float(self.blocks[0].steer_alpha)
@@ -200,19 +137,13 @@ class SteeredCausalLM(nn.Module):
 
     @property
     def fusion(self) -> str:
-        """How the vectors are combined with the activations: `paper` (default), `norm_preserving` or `published`
-        (see `destein_pl.steering.fusion`)."""
-        return self.blocks[0].steer_fusion
+        """The steering operator's name: `paper` (default), `norm_preserving` or `published`
+        (`destein_pl.steering.operators`)."""
+        return self._operator.name
 
     @fusion.setter
     def fusion(self, value: str) -> None:
-        fusions.check_fusion(value)
-        if value == "published" and self.config.hidden_size != self.num_heads * self.head_dim:
-            raise ValueError(f"fusion='published' slices the attention output into heads, which needs hidden_size == "
-                             f"num_heads * head_dim; this model has {self.config.hidden_size} != "
-                             f"{self.num_heads} * {self.head_dim}")
-        for block in self.blocks:
-            block.steer_fusion = value
+        self.configure(fusion=value)
 
     @property
     def gate(self) -> GateSettings:
@@ -220,27 +151,38 @@ class SteeredCausalLM(nn.Module):
         return self._gate_settings
 
     @gate.setter
-    def gate(self, value: GateSettings | dict | str | None) -> None:
-        self.set_gate(value)
+    def gate(self, value: GateSettings | None) -> None:
+        self.configure(gate=value or GateSettings())
 
-    def set_gate(self, settings: GateSettings | dict | str | None, probes: GateProbes | None = None) -> None:
-        """Gate the steering by the probes (`destein_pl.steering.gating`): settings, a dict of them, a mode name
-        (`none`, `hard`, `smooth`) or None (`none`). `probes` replaces `gate_probes`; a gate needs them."""
-        settings = as_gate_settings(settings)
-        if probes is not None:
-            if tuple(probes.coef.shape) != (self.num_layers, self.num_heads, self.head_dim):
-                raise ValueError(f"probes must have coef [num_layers, num_heads, head_dim] = "
-                                 f"{[self.num_layers, self.num_heads, self.head_dim]}, got {list(probes.coef.shape)}")
-            self.gate_probes = probes
-        gate = None
-        if settings.enabled:
-            if self.gate_probes is None:
+    def set_gate(self, settings: GateSettings | None, probes: Probes | None = None) -> None:
+        """Gate the steering by the probes (`destein_pl.steering.gating`); None: no gate. `probes` replaces
+        `gate_probes`; a gate needs them."""
+        self.configure(gate=settings or GateSettings(), gate_probes=probes)
+
+    def configure(self, fusion: str | None = None, gate: GateSettings | None = None,
+                  gate_probes: Probes | None = None) -> None:
+        """Set the steering operator (by name), the gate settings and the gate's probes; None keeps the current one.
+        The one place where these settings reach the attention blocks."""
+        operator = self._operator if fusion is None else operator_for(fusion)
+        operator.check(self.config, self.num_heads, self.head_dim)
+        if gate is not None and not isinstance(gate, GateSettings):
+            raise TypeError(f"gate must be GateSettings or None, got {type(gate).__name__}")
+        if gate_probes is not None and gate_probes.shape != (self.num_layers, self.num_heads, self.head_dim):
+            raise ValueError(f"probes must have coef [num_layers, num_heads, head_dim] = "
+                             f"{[self.num_layers, self.num_heads, self.head_dim]}, got {list(gate_probes.shape)}")
+        probes = self.gate_probes if gate_probes is None else gate_probes
+        settings = self._gate_settings if gate is None else gate
+        modifier = self._gate
+        if gate is not None or gate_probes is not None:
+            if settings.enabled and probes is None:
                 raise ValueError(f"gate={settings.mode!r} needs the calibrated probes; calibrate, or load a checkpoint "
-                                 "that has them (probe_coef, probe_intercept, probe_accuracy)")
-            gate = ProbeGate(self.model, self.architecture, settings, self.gate_probes)
-        if self._gate is not None:
-            self._gate.remove()
-        self._gate, self._gate_settings = gate, settings
+                                 "that has them (gate_probe_coef, gate_probe_intercept, gate_probe_accuracy)")
+            if self._gate is not None:
+                self._gate.remove()
+            modifier = ProbeGate(self.model, self.architecture, settings, probes) if settings.enabled else None
+        self._operator, self._gate_settings, self._gate, self.gate_probes = operator, settings, modifier, probes
+        for block in self.blocks:
+            block.steer_operator, block.steer_modifier = operator, modifier
 
     def gate_values(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """`(gate, score)`, each `[batch, seq]`: what the gate would apply at every position of whole sequences, and
@@ -284,15 +226,58 @@ class SteeredCausalLM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         recorder = LastTokensRecorder(attention_mask, last_k, self.num_layers, self.num_heads, self.head_dim)
-        blocks = self.blocks
-        for block in blocks:
-            block.steer_recorder = recorder
+        # after the steering hooks, so the recorder sees what the projection gets
+        handles = [projection.register_forward_pre_hook(lambda module, args, layer=layer: recorder(layer, args[0]))
+                   for layer, projection in enumerate(self.architecture.projections(self.model))]
         try:
             self.model(**self.architecture.padded_inputs(input_ids, attention_mask), use_cache=False)
         finally:
-            for block in blocks:
-                block.steer_recorder = None
+            for handle in handles:
+                handle.remove()
         return recorder.result()
+
+    def signature(self) -> dict[str, Any]:
+        """What a steering checkpoint must match: family, model type and the shape of the steering site."""
+        return {
+            "family": self.architecture.family,
+            "model_type": self.config.model_type,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "hidden_size": self.config.hidden_size,
+        }
+
+    def steering_tensors(self) -> dict[str, Tensor]:
+        """The steering as a checkpoint stacks it: `vectors`, `head_weights`, `alpha`."""
+        return {"vectors": self.vectors, "head_weights": self.head_weights, "alpha": torch.tensor(self.alpha)}
+
+    def load_steering(self, tensors: dict[str, Tensor], metadata: dict[str, Any] | None,
+                      source: str | os.PathLike) -> None:
+        """Set this model's steering, fusion, gate and probes from a checkpoint's tensors and metadata
+        (`read_checkpoint`), after checking they were made for this architecture.
+
+        `tensors` is either the stacked export (`vectors`, `head_weights`, `alpha`) or a Lightning state dict whose
+        per-block buffers sit under the LightningModule's `steered.` attribute.
+        """
+        metadata = check_format(metadata, source)
+        check_signature(metadata, self.signature(), source)
+        check_finite(tensors, source)
+        fusion, gate, probes = steering_options(tensors, metadata, source)
+        self.gate_probes = None  # the checkpoint's probes, or none
+        self.configure(fusion=fusion, gate=gate, gate_probes=probes)
+        if "vectors" in tensors:
+            try:
+                self.set_steering(tensors["vectors"], tensors["head_weights"], float(tensors["alpha"]))
+            except (KeyError, ValueError) as err:
+                raise CheckpointError(f"{source}: steering tensors do not fit the model ({err})") from err
+            return
+        state = {k[len(LIGHTNING_PREFIX) :]: v for k, v in tensors.items()
+                 if k.startswith(LIGHTNING_PREFIX) and STEER_KEY_MARK in k}
+        result = self.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if STEER_KEY_MARK in k]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(f"{source}: steering state does not fit the model (missing {missing[:3]}, "
+                                  f"unexpected {result.unexpected_keys[:3]})")
 
     @classmethod
     def from_checkpoint(
@@ -302,22 +287,31 @@ class SteeredCausalLM(nn.Module):
         dtype: str | torch.dtype | None = None,
         device_map: str | dict | None = None,
         fusion: str | None = None,
-        gate: GateSettings | dict | str | None = None,
+        gate: GateSettings | None = None,
     ) -> SteeredCausalLM:
         """A ready-to-generate steered model from a `.ckpt` or `.safetensors` steering checkpoint.
 
         Loads the base model the checkpoint names (in its dtype unless `dtype` is given), checks the checkpoint
-        was made for that architecture, and applies its steering, fusion and gate (checkpoints without them: `paper`,
-        `none`); `alpha`, `fusion` and `gate` override the stored ones.
+        was made for that architecture, and applies its steering, fusion and gate; `alpha`, `fusion` and `gate`
+        override the stored ones.
         """
-        return load_steered(cls, path, alpha=alpha, dtype=dtype, device_map=device_map, fusion=fusion, gate=gate)
+        tensors, metadata = read_checkpoint(path)
+        base = (metadata or {}).get("base_model")
+        if not isinstance(base, dict) or "name_or_path" not in base:
+            raise CheckpointError(f"{path}: not a destein-pl steering checkpoint (no base model recorded)")
+        model, tokenizer = load_base_model(base["name_or_path"], dtype=dtype or base.get("dtype"),
+                                           device_map=device_map)
+        steered = cls(model, tokenizer, base_model=base["name_or_path"])
+        steered.load_steering(tensors, metadata, path)
+        if alpha is not None:
+            steered.alpha = alpha
+        steered.configure(fusion=fusion, gate=gate)
+        return steered
 
     def fold(self, inplace: bool = False) -> PreTrainedModel:
         """An ordinary Hugging Face model computing what this one computes, the steering folded into the attention
         output projections' biases (see `destein_pl.steering.folding.fold`): no cost per token, no destein-pl
         needed to run it. A copy unless `inplace` (then this object must not be used afterwards)."""
-        from destein_pl.steering.folding import fold  # folding builds on this module
-
         return fold(self, inplace)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
