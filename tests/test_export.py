@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, MistralConfig, PreTrainedTokenizerFast
 
 from destein_pl import SteeredCausalLM, load_base_model
-from destein_pl.steering.checkpoint import FORMAT, architecture_signature, save_steering
+from destein_pl.steering.checkpoint import FORMAT, save_steering
 from destein_pl.steering.export import ExportError, export
 from destein_pl.steering.folding import fold, folded_biases
 from tests.conftest import TINY_CONFIGS, VOCAB
@@ -68,12 +69,12 @@ def tiny_checkpoint(root: Path, family: str, alpha: float = 1.5, config=None) ->
     steered.set_steering(vectors, torch.rand(steered.num_layers, steered.num_heads, generator=generator), alpha)
     metadata = {
         "format": FORMAT, "base_model": {"name_or_path": str(folder), "dtype": None},
-        "architecture": architecture_signature(steered), "alpha": alpha,
+        "architecture": steered.signature(), "alpha": alpha,
         "options": {"head_weights": "probe", "top_k_heads": None},
         "pairs": {"source": "pairs.jsonl", "sha256": "ab" * 32, "m": 8, "seed": 0},
     }
     path = root / f"{family}.safetensors"
-    save_steering(path, steered, metadata)
+    save_steering(path, steered.steering_tensors(), metadata)
     return path, steered
 
 
@@ -217,10 +218,56 @@ def test_export_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="out: .* not empty; pass overwrite=True"):
         export(str(ckpt), str(out))
+    with pytest.raises(FileExistsError, match="out: .* not a destein-pl export .*never other files"):
+        export(str(ckpt), str(out), overwrite=True)
     assert (out / "keep.txt").read_text() == "mine"
-    export(str(ckpt), str(out), overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    (out / "keep.txt").unlink()
+    export(str(ckpt), str(out))
+    export(str(ckpt), str(out), overwrite=True)  # a previous export is replaced
+    assert (out / "model.safetensors").is_file() and (out / "destein.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_export_never_writes_over_its_input_or_the_working_folder(tmp_path, monkeypatch):
+    ckpt, _ = tiny_checkpoint(tmp_path, "gpt2")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for out in (tmp_path, tmp_path.parent):
+        with pytest.raises(ValueError, match="out: .* holds the checkpoint being exported"):
+            export(str(ckpt), str(out), overwrite=True)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(ValueError, match="out: .* is the working folder"):
+        export(str(ckpt), ".", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "work"])
+
+
+def test_export_through_links_and_after_a_killed_export(tmp_path):
+    ckpt, _ = tiny_checkpoint(tmp_path, "gpt2")
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="out: .*dangling is a link to .*nowhere, which does not exist"):
+        export(str(ckpt), str(dangling))
+    real = tmp_path / "real"
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    real.mkdir()
+    stale = tmp_path / ".real.tmp-999999999-deadbeef"  # what a SIGKILLed export leaves: its process is gone
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    export(str(ckpt), str(link))
+    export(str(ckpt), str(link), overwrite=True)
+    assert link.is_symlink() and (real / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_exported_files_are_readable_by_other_users(tmp_path):
+    ckpt, _ = tiny_checkpoint(tmp_path, "llama")
+    out = export(str(ckpt), str(tmp_path / "out"))
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [out, *out.iterdir()]:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o777 if path.is_dir() else 0o666) & ~umask, path
 
 
 # -- the real embedded model ------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,10 @@ class DeSteinModule(L.LightningModule):
         super().__init__()
         # Evaluation settings do not belong in a checkpoint; the gate's are in its metadata (as plain values).
         self.save_hyperparameters(ignore=["evaluation", "gate"])
+        if gate is not None and not gate.enabled and gate != GateSettings():
+            changed = {k: v for k, v in asdict(gate).items() if v != getattr(GateSettings(), k)}
+            raise ValueError(f"model.gate: {changed} given with mode 'none' (no gate); set model.gate.mode to hard or "
+                             f"smooth, or leave the other gate options out")
         self.fusion, self.gate = fusion, gate
         """What `test` puts in place of the checkpoint's fusion and gate (None: keep the checkpoint's)."""
         self.options = CalibrationOptions(alpha, head_weights, top_k_heads, last_k, val_fraction, probe_seed,

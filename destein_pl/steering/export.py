@@ -107,15 +107,39 @@ def check_arguments(
         raise FileNotFoundError(f"ckpt_path: no steering checkpoint file at {ckpt}")
     if ckpt.suffix not in (".ckpt", ".safetensors"):
         raise ValueError(f"ckpt_path: expected a .ckpt or .safetensors steering checkpoint, got {ckpt}")
-    target = Path(out)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"out: {target} is a file; expected a folder to write")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"out: {target} exists and is not empty; pass overwrite=True to replace it")
+    target = checked_out(Path(out), ckpt, overwrite)
     results_path = None if results is None else Path(results)
     if results_path is not None and not results_path.is_file():
         raise FileNotFoundError(f"results: no results file at {results_path}")
     return ckpt, target, results_path
+
+
+EXPORT_MARK = "destein.json"
+"""The file every export writes; a non-empty `out` without it is not a previous export and is never replaced."""
+
+
+def checked_out(out: Path, ckpt: Path, overwrite: bool) -> Path:
+    """The folder to write (a link's target), or an error naming `out` when writing there could lose a file: the
+    folder holding the checkpoint or above it, the working folder or above it, a folder holding anything but a
+    previous export, a link to nothing, a file."""
+    if out.is_symlink() and not out.exists():
+        raise FileNotFoundError(f"out: {out} is a link to {os.readlink(out)}, which does not exist")
+    target = out.resolve()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"out: {out} is a file; expected a folder to write")
+    source, here = ckpt.resolve(), Path.cwd().resolve()
+    if target in source.parents:
+        raise ValueError(f"out: {out} holds the checkpoint being exported ({ckpt}); write the export elsewhere")
+    if target == here or target in here.parents:
+        raise ValueError(f"out: {out} is the working folder or one above it; write the export into a folder of its "
+                         f"own")
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"out: {out} exists and is not empty; pass overwrite=True to replace it")
+        if not (target / EXPORT_MARK).is_file():
+            raise FileExistsError(f"out: {out} holds files that are not a destein-pl export (no {EXPORT_MARK}); "
+                                  f"overwrite replaces only a previous export, never other files")
+    return target
 
 
 def read_results(path: Path) -> dict[str, Any]:
@@ -236,11 +260,38 @@ def verify_hf_folder(folder: Path, folded: PreTrainedModel) -> float:
 # -- folders ----------------------------------------------------------------------------------------------------------
 
 
+STAGING_MARKS = (".tmp-", ".old-")
+"""A staging folder is `.<out name><mark><pid>-<random>`, beside `out`."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Remove the staging folders beside `out` that an export killed mid-way left (their process is gone)."""
+    if not out.parent.is_dir():
+        return
+    for mark in STAGING_MARKS:
+        for path in out.parent.glob(f".{out.name}{mark}*"):
+            pid = path.name[len(f".{out.name}{mark}"):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                log.info("removing %s, left by an export that did not finish", path)
+                shutil.rmtree(path)
+
+
 @contextmanager
 def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     """A temporary sibling of `out` to write into, renamed onto `out` when the block succeeds (an existing `out`
-    is replaced only with `overwrite`), removed when it fails."""
+    is replaced only with `overwrite`), removed when it fails. Staging folders of killed exports are removed first."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = out.parent / f".{out.name}.tmp-{tag}"
     tmp.mkdir()
@@ -252,17 +303,29 @@ def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
             old = out.parent / f".{out.name}.old-{tag}"
             os.rename(out, old)
             os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old)
         else:
             os.rename(tmp, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def finish_folder(folder: Path, report: ExportReport) -> None:
     """Add the model card and `destein.json` to an exported folder."""
-    report.files = sorted({p.name for p in folder.iterdir()} | {"README.md", "destein.json"})
+    report.files = sorted({p.name for p in folder.iterdir()} | {"README.md", EXPORT_MARK})
     write_atomic(folder / "README.md", model_card(report))
-    write_atomic(folder / "destein.json", json.dumps(steering_record(report), indent=2, sort_keys=True) + "\n")
+    write_atomic(folder / EXPORT_MARK, json.dumps(steering_record(report), indent=2, sort_keys=True) + "\n")
+    readable(folder)
+
+
+def readable(folder: Path) -> None:
+    """Give the folder and its files the modes the umask allows (a server running as another user reads them):
+    some writers create owner-only files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
