@@ -206,6 +206,9 @@ def test_export_arguments_are_checked_with_errors_naming_them(tmp_path):
     (tmp_path / "bad.json").write_text('{"runs": [{"alpha": 1}]}')
     with pytest.raises(ValueError, match="results: .* not a results.json"):
         export(str(ckpt), out, results=str(tmp_path / "bad.json"))
+    (tmp_path / "text.json").write_text('{"runs": [{"alpha": 1, "metrics": {"all": {"emt": "0.2", "tp": [1]}}}]}')
+    with pytest.raises(ValueError, match="results: .*text.json: alpha 1, subset 'all': metrics must be numbers"):
+        export(str(ckpt), out, results=str(tmp_path / "text.json"))
     with pytest.raises(ExportError, match="needs a GGUF base model"):
         export(str(ckpt), out, format="gguf")
     assert not Path(out).exists()

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from destein_pl import SteeredCausalLM
-from destein_pl.evaluation.sampling import sample
+from destein_pl.evaluation.sampling import SamplingSettings, sample
 from destein_pl.steering.checkpoint import CheckpointError, read_checkpoint
 from destein_pl.steering.folding import NotFoldableError, fold
 from destein_pl.steering.gating import GateSettings, GateStateError
@@ -103,10 +103,10 @@ def test_gate_none_is_todays_steering_bit_for_bit(family):
     steered.set_gate(None)
     assert not steered.model._forward_pre_hooks and not steered.model._forward_hooks  # no gate hooks left
     assert torch.equal(logits(steered, ids), never_gated)
-    prompts, seeds = [[5, 9, 14, 3], [7, 8, 9]], [[1, 2], [3, 4]]
-    again = sample(steered, steered.architecture, prompts, seeds, 6, 0, [2], width=5).tokens
+    prompts, keys, settings = [[5, 9, 14, 3], [7, 8, 9]], ["a", "b"], SamplingSettings(num_samples=2, max_new_tokens=6)
+    again = sample(steered, steered.architecture, prompts, keys, settings, 0, [2], width=5).tokens
     fresh = steered_tiny(family)
-    assert again == sample(fresh, fresh.architecture, prompts, seeds, 6, 0, [2], width=5).tokens
+    assert again == sample(fresh, fresh.architecture, prompts, keys, settings, 0, [2], width=5).tokens
 
 
 # ---- what the gate reads -------------------------------------------------------------------------------------
@@ -294,7 +294,8 @@ def test_greedy_generation_with_the_gate_equals_full_recompute(family):
             next_token = steered(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, next_token], dim=1)
     assert torch.equal(generated, seq)
-    ours = sample(steered, steered.architecture, [prompt[0].tolist()], [[1]], 8, 0, [], temperature=0).tokens
+    greedy = SamplingSettings(num_samples=1, max_new_tokens=8, temperature=0)
+    ours = sample(steered, steered.architecture, [prompt[0].tolist()], ["p"], greedy, 0, []).tokens
     assert ours[0][0] == seq[0, 6:].tolist()
 
 
@@ -304,14 +305,14 @@ def test_gated_rows_do_not_depend_on_their_batch_neighbours(family, mode):
     steered = gated_tiny(family, mode)
     arch = steered.architecture
     prompt, other = [5, 9, 14, 3], [40, 41, 42, 43, 44, 45, 46, 47]
-    alone = sample(steered, arch, [prompt], [[11, 12]], 10, 0, [2], width=8).tokens
-    mixed = sample(steered, arch, [other, prompt, other, [60, 61]], [[99, 98], [11, 12], [96, 95], [1, 2]], 10, 0,
-                   [2], width=8).tokens
+    settings, batch, keys = SamplingSettings(num_samples=2, max_new_tokens=10), [other, prompt, other, [60, 61]], "opqr"
+    alone = sample(steered, arch, [prompt], ["p"], settings, 0, [2], width=8).tokens
+    mixed = sample(steered, arch, batch, list(keys), settings, 0, [2], width=8).tokens
     assert mixed[1] == alone[0]
     ungated = copy.deepcopy(steered)
     ungated.set_gate(None)
-    assert sample(ungated, arch, [other, prompt, other, [60, 61]], [[99, 98], [11, 12], [96, 95], [1, 2]], 10, 0,
-                  [2], width=8).tokens != mixed  # the gate changed something
+    # the gate changed something
+    assert sample(ungated, arch, batch, list(keys), settings, 0, [2], width=8).tokens != mixed
 
 
 def test_a_cache_filled_without_the_gate_is_refused():
@@ -426,3 +427,66 @@ def test_a_gate_or_fusion_changes_which_stored_generations_a_rerun_reuses():
     steered.fusion = "norm_preserving"
     digests.add(steering_digest(steered))
     assert len(digests) == 5
+
+
+def test_gate_options_without_a_gate_mode_are_refused_not_dropped(tiny_llama_dir):
+    from destein_pl.lightning.module import DeSteinModule
+
+    with pytest.raises(ValueError, match=r"model.gate: \{'threshold': 0.9\} given with mode 'none'"):
+        DeSteinModule(base_model=str(tiny_llama_dir), gate=GateSettings(threshold=0.9))
+    assert DeSteinModule(base_model=str(tiny_llama_dir), gate=GateSettings()).gate == GateSettings()
+
+
+def test_an_incomplete_set_of_gate_probes_is_refused(tmp_path):
+    steered = steered_tiny("llama")
+    steered.set_gate(GateSettings("smooth"), random_probes(steered))
+    metadata = {"format": "destein-pl/1", "architecture": steered.signature(),
+                "options": {"fusion": "paper", "gate": steered.gate.metadata()}}
+    tensors = {**steered.steering_tensors(), **steered.gate_probes.arrays("gate_probe_")}
+    del tensors["gate_probe_accuracy"]
+    with pytest.raises(CheckpointError, match="x.safetensors: incomplete probes: .*gate_probe_accuracy missing"):
+        steered.load_steering(tensors, metadata, "x.safetensors")
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("gate_probe_coef", 3e38, "beyond 1e\\+06 in magnitude"),
+    ("vectors", -2e7, "beyond 1e\\+06 in magnitude"),
+    ("gate_probe_accuracy", 1.5, "accuracies or head weights in \\[0, 1\\]"),
+    ("head_weights", -0.1, "accuracies or head weights in \\[0, 1\\]"),
+])
+def test_absurd_but_finite_steering_values_are_refused_at_load(name, value, message):
+    steered = steered_tiny("llama")
+    steered.set_gate(GateSettings("smooth"), random_probes(steered))
+    metadata = {"format": "destein-pl/1", "architecture": steered.signature(),
+                "options": {"fusion": "paper", "gate": steered.gate.metadata()}}
+    tensors = {**steered.steering_tensors(), **steered.gate_probes.arrays("gate_probe_")}
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = value
+    with pytest.raises(CheckpointError, match=f"x.ckpt: tensors \\['{name}'\\] .*{message}"):
+        steered.load_steering(tensors, metadata, "x.ckpt")
+
+
+def test_a_static_cache_or_a_huge_window_is_a_clear_error():
+    steered = steered_tiny("llama")
+    steered.set_gate(GateSettings("hard", threshold=0.0), random_probes(steered))
+    ids = random_ids(1, 5)
+    with pytest.raises(GateStateError, match="dynamic KV cache; got a StaticCache"):
+        steered.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                         cache_implementation="static")
+    with pytest.raises(ValueError, match="gate window must be an integer from 1 to 4096"):
+        GateSettings("smooth", window=10**9)
+
+
+@pytest.mark.parametrize("gate, message", [
+    ("smooth", "options.gate must be a mapping"),
+    (["smooth"], "options.gate must be a mapping"),
+    ({"mode": "smooth", "threshold": "abc"}, "options.gate.threshold must be a number"),
+    ({"mode": "smooth", "thresold": 0.3}, "options.gate has unknown keys \\['thresold'\\]"),
+])
+def test_malformed_gate_metadata_names_the_file(gate, message):
+    steered = steered_tiny("llama")
+    probes = random_probes(steered)
+    metadata = {"format": "destein-pl/1", "architecture": steered.signature(), "options": {"gate": gate}}
+    tensors = {**steered.steering_tensors(), **probes.arrays("gate_probe_")}
+    with pytest.raises(CheckpointError, match=f"x.safetensors: {message}"):
+        steered.load_steering(tensors, metadata, "x.safetensors")

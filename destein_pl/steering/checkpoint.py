@@ -61,11 +61,29 @@ def check_signature(metadata: dict[str, Any], actual: dict[str, Any], source: st
         raise CheckpointMismatchError(f"{source} was made for another model ({'; '.join(diffs)})")
 
 
-def check_finite(tensors: dict[str, Tensor], source: str | Path) -> None:
-    """Refuse NaN or infinite values: they would make every continuation empty, even at alpha 0."""
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+MAX_MAGNITUDE = 1e6
+"""No calibrated vector, probe coefficient or intercept comes near this (activations and logistic-regression
+weights are of order 1 to 100); a value beyond it is a damaged or forged file."""
+UNIT_INTERVAL = ("head_weights", "probe_accuracy", "gate_probe_accuracy", ".steer_head_weights")
+"""Tensors (or name endings) that hold probe accuracies or weights derived from them, in [0, 1]."""
+
+
+def check_values(tensors: dict[str, Tensor], source: str | Path) -> None:
+    """Refuse NaN or infinite values (they would make every continuation empty, even at alpha 0), values beyond
+    `MAX_MAGNITUDE`, and accuracies or head weights outside [0, 1], naming the tensors."""
+    floats = {k: v for k, v in tensors.items() if v.is_floating_point()}
+    bad = [k for k, v in floats.items() if not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{source}: tensors {bad[:3]} contain NaN or infinite values; recalibrate")
+    huge = [k for k, v in floats.items() if v.numel() and float(v.abs().max()) > MAX_MAGNITUDE]
+    if huge:
+        raise CheckpointError(f"{source}: tensors {huge[:3]} hold values beyond {MAX_MAGNITUDE:g} in magnitude, which "
+                              f"no calibration produces; the file is damaged: recalibrate")
+    outside = [k for k, v in floats.items() if k.endswith(UNIT_INTERVAL) and v.numel()
+               and not (float(v.min()) >= 0 and float(v.max()) <= 1)]
+    if outside:
+        raise CheckpointError(f"{source}: tensors {outside[:3]} must hold accuracies or head weights in [0, 1]; "
+                              f"the file is damaged: recalibrate")
 
 
 def save_steering(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> None:
@@ -90,7 +108,8 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        # torch's wording: "Unsupported global: GLOBAL x.y" (up to 2.12), "unsupported GLOBAL x.y whose ..." (2.13)
+        found = re.search(r"unsupported global:? (?:GLOBAL )?(\S+)", str(err), re.IGNORECASE)
         if found is None:
             raise CheckpointError(f"{path}: not a readable checkpoint (not a torch file)") from None
         raise CheckpointError(f"{path}: refused to load: the checkpoint holds an object ({found.group(1)}) other "

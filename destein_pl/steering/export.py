@@ -151,6 +151,16 @@ def read_results(path: Path) -> dict[str, Any]:
     runs = data.get("runs", [data]) if isinstance(data, dict) else None
     if not runs or not all(isinstance(r, dict) and "alpha" in r and "metrics" in r for r in runs):
         raise ValueError(f"results: {path} is not a results.json of `destein test` (no runs with alpha and metrics)")
+    for run in runs:
+        subsets = run["metrics"]
+        if not isinstance(subsets, dict) or not all(isinstance(m, dict) for m in subsets.values()):
+            raise ValueError(f"results: {path}: metrics of alpha {run['alpha']!r} must map each subset to its metrics")
+        for subset, metrics in subsets.items():
+            bad = {k: v for k, v in metrics.items()
+                   if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))}
+            if bad:
+                raise ValueError(f"results: {path}: alpha {run['alpha']!r}, subset {subset!r}: metrics must be numbers "
+                                 f"or null, got {bad}")
     return {"path": str(path), "base_model": data.get("base_model"), "scorer": data.get("scorer"), "runs": runs}
 
 

@@ -65,6 +65,8 @@ from destein_pl.steering.probes import Probes
 
 GateMode = Literal["none", "hard", "smooth"]
 GATE_MODES: tuple[str, ...] = ("none", "hard", "smooth")
+MAX_WINDOW = 4096
+"""The longest gate window, in positions (the gate keeps `window - 1` positions of probe logits per row)."""
 PROBE_SCALING = "none"
 """How activations are scaled before the probes: not at all (`fit_head_probes` fits on raw activations)."""
 
@@ -101,8 +103,8 @@ class GateSettings:
             raise ValueError(f"gate temperature must be a finite number > 0, got {self.temperature}")
         if int(self.heads) != self.heads or self.heads < 1:
             raise ValueError(f"gate heads must be an integer >= 1, got {self.heads}")
-        if int(self.window) != self.window or self.window < 1:
-            raise ValueError(f"gate window must be an integer >= 1, got {self.window}")
+        if int(self.window) != self.window or not 1 <= self.window <= MAX_WINDOW:
+            raise ValueError(f"gate window must be an integer from 1 to {MAX_WINDOW} (positions), got {self.window}")
 
     @property
     def enabled(self) -> bool:
@@ -265,6 +267,9 @@ class ProbeGate:
     def gate(self, inputs: dict[str, Any], cache: Any, caching: bool) -> tuple[Tensor, Tensor]:
         """Gate and score `[B, T]` for one forward's inputs; with `caching`, the forward's state is stored (in
         `cache`'s gate layers, or pending until the forward's cache exists)."""
+        if cache is not None and not isinstance(cache, DynamicCache):
+            raise GateStateError(f"gated steering keeps its state in a dynamic KV cache; got a {type(cache).__name__} "
+                                 f"(e.g. generate(cache_implementation='static')): use the default cache")
         state = gate_state(cache) if cache is not None else None
         past_length = cache.get_seq_length() if cache is not None else 0
         if state is None and past_length > 0:

@@ -30,7 +30,7 @@ from destein_pl.steering.checkpoint import (
     LIGHTNING_PREFIX,
     STEER_KEY_MARK,
     CheckpointError,
-    check_finite,
+    check_values,
     check_format,
     check_signature,
     read_checkpoint,
@@ -261,7 +261,7 @@ class SteeredCausalLM(nn.Module):
         """
         metadata = check_format(metadata, source)
         check_signature(metadata, self.signature(), source)
-        check_finite(tensors, source)
+        check_values(tensors, source)
         fusion, gate, probes = steering_options(tensors, metadata, source)
         self.gate_probes = None  # the checkpoint's probes, or none
         self.configure(fusion=fusion, gate=gate, gate_probes=probes)
