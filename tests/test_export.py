@@ -127,6 +127,17 @@ def test_export_reloads_with_stock_transformers_and_reproduces_the_steered_logit
             "destein.json"} <= files
 
 
+def test_export_writes_what_transformers_4_reads_the_same_way(exported):
+    """4.x reads the rope base only from a top-level `rope_theta` (else it silently takes 10000) and knows the fast
+    tokenizer only as `PreTrainedTokenizerFast` (`python -m benchmarks export_compat` loads a folder in 4.x)."""
+    folders = exported[0]
+    for family in ("llama", "mistral", "qwen2"):
+        config = json.loads((folders[family] / "config.json").read_text())
+        assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] and config["rope_scaling"] is None
+        tokenizer = json.loads((folders[family] / "tokenizer_config.json").read_text())
+        assert tokenizer["tokenizer_class"] != "TokenizersBackend"  # a class name 4.x does not know
+
+
 def test_export_writes_the_stock_bias_flag_and_explicit_zero_companion_biases(exported):
     folders = exported[0]
     for family, architecture in (("llama", "LlamaForCausalLM"), ("mistral", "LlamaForCausalLM"),

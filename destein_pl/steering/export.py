@@ -84,7 +84,7 @@ def export(
         if format == "gguf":
             report = export_gguf(ckpt, folder, metadata)
         else:
-            report = export_hf(ckpt, folder, metadata, dtype, verify)
+            report = export_hf(ckpt, folder, metadata, dtype, verify, target.name)
         report.results = run_results
         finish_folder(folder, report)
     log.info("exported %s to %s", ckpt, target)
@@ -213,8 +213,10 @@ def converted_config(config: PretrainedConfig, model_type: str, flag: str | None
     return converted, tuple(sorted(set(source) - known - skip))
 
 
-def export_hf(ckpt: Path, folder: Path, metadata: dict[str, Any], dtype: str | None, verify: bool) -> ExportReport:
-    """Fold the checkpoint in place and write its Hugging Face files into `folder`."""
+def export_hf(ckpt: Path, folder: Path, metadata: dict[str, Any], dtype: str | None, verify: bool, name: str
+              ) -> ExportReport:
+    """Fold the checkpoint in place and write its Hugging Face files into `folder`; `name` names the exported
+    model in its config."""
     steered = SteeredCausalLM.from_checkpoint(ckpt, dtype=dtype)
     architecture, config = steered.architecture, steered.config
     report = ExportReport(str(ckpt), metadata, round(steered.alpha, 6), "hf", architecture.family, config.model_type)
@@ -232,9 +234,39 @@ def export_hf(ckpt: Path, folder: Path, metadata: dict[str, Any], dtype: str | N
         target.config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    readable_by_transformers_4(folder, name)
     if verify:
         report.max_abs_diff = verify_hf_folder(folder, folded)
     return report
+
+
+LEGACY_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+"""transformers 5 names the fast tokenizer class `TokenizersBackend`; 4.x knows it as `PreTrainedTokenizerFast`
+(5.x reads both names as the same class)."""
+
+
+def readable_by_transformers_4(folder: Path, name: str) -> None:
+    """Make the folder load the same model in transformers 4.x, which serving stacks still pin: 4.x reads the rope
+    base from a top-level `rope_theta` (5.x writes it only under `rope_parameters`, and 4.x then silently uses
+    10000) and its scaling from `rope_scaling`, and knows the fast tokenizer by its 4.x class name. The config also
+    names the exported model (`name`), not the base model."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        config.setdefault("rope_theta", rope["rope_theta"])
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        config.setdefault("rope_scaling", None if scaling.get("rope_type", "default") == "default" else scaling)
+    for key in ("_name_or_path", "_model_name_or_path"):
+        if key in config:
+            config[key] = name
+    write_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    path = folder / "tokenizer_config.json"
+    if path.is_file():
+        tokenizer = json.loads(path.read_text(encoding="utf-8"))
+        tokenizer["tokenizer_class"] = LEGACY_TOKENIZER_CLASS.get(tokenizer.get("tokenizer_class"),
+                                                                  tokenizer.get("tokenizer_class"))
+        write_atomic(path, json.dumps(tokenizer, indent=2, sort_keys=True) + "\n")
 
 
 def probe_input(config: PretrainedConfig, device: torch.device) -> Tensor:
