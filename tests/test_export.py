@@ -315,11 +315,14 @@ def test_gguf_export_keeps_every_original_tensor_and_adds_exactly_the_folded_bia
         assert tensor.tensor_type == GGMLQuantizationType.F32 and list(tensor.shape) == [576]
         assert np.array_equal(np.asarray(tensor.data), bias.numpy())
     for field in before.fields.values():
-        if not field.name.startswith("GGUF."):
+        if not field.name.startswith("GGUF.") and field.name != "general.name":
             assert after.get_field(field.name).contents() == field.contents(), field.name
+    name = before.get_field("general.name").contents()
+    assert after.get_field("general.name").contents() == f"{name} (DeStein, alpha 1.3)"  # not the base model's name
     assert after.get_field("destein.alpha").contents() == pytest.approx(1.3)
     assert after.get_field("destein.source").contents() == SHIPPED.name
-    assert "llama.cpp" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "llama.cpp" in card and "by the quantization error" in card  # not "equal up to float rounding"
 
 
 @pytest.mark.slow

@@ -52,6 +52,14 @@ def gguf_metadata(report: ExportReport) -> dict[str, Any]:
     return values
 
 
+def exported_names(reader: GGUFReader, report: ExportReport) -> dict[str, str]:
+    """`general.name` naming the steered model, not the base model (when the base file has a name)."""
+    field = reader.get_field("general.name")
+    if field is None or not report.folded:
+        return {}
+    return {"general.name": f"{field.contents()} (DeStein, alpha {report.alpha:g})"}
+
+
 def export_gguf(ckpt: Path, folder: Path, metadata: dict[str, Any]) -> ExportReport:
     """Copy the base GGUF into `folder` with the folded biases added, and check the copy tensor by tensor."""
     source = base_gguf_file(metadata)
@@ -66,8 +74,9 @@ def export_gguf(ckpt: Path, folder: Path, metadata: dict[str, Any]) -> ExportRep
     biases = folded_biases(folded, architecture) if report.folded else []
     added = {bias_tensor_name(i): b.numpy().astype(np.float32) for i, b in enumerate(biases)}
     target = folder / f"{source.stem}-destein.gguf"
-    write_gguf_copy(reader, target, added, gguf_metadata(report))
-    check_gguf_copy(source, target, added)
+    renamed = exported_names(reader, report)
+    write_gguf_copy(reader, target, added, gguf_metadata(report), renamed)
+    check_gguf_copy(source, target, added, renamed)
     report.gguf_added = sorted(added)
     return report
 
@@ -88,9 +97,10 @@ def check_gguf_base(reader: GGUFReader, source: Path, metadata: dict[str, Any]) 
                           "original tensors, which this export never does")
 
 
-def write_gguf_copy(reader: GGUFReader, path: Path, added: dict[str, np.ndarray], metadata: dict[str, Any]) -> None:
-    """Write the reader's file to `path` with every metadata value and tensor (raw bytes and types) unchanged,
-    plus the `added` float32 tensors and `metadata` keys."""
+def write_gguf_copy(reader: GGUFReader, path: Path, added: dict[str, np.ndarray], metadata: dict[str, Any],
+                    renamed: dict[str, str]) -> None:
+    """Write the reader's file to `path` with every metadata value and tensor (raw bytes and types) unchanged but
+    the `renamed` string values, plus the `added` float32 tensors and `metadata` keys."""
     arch = reader.get_field("general.architecture").contents()
     writer = GGUFWriter(path, arch=arch, endianess=reader.endianess)
     alignment = reader.get_field("general.alignment")
@@ -101,6 +111,9 @@ def write_gguf_copy(reader: GGUFReader, path: Path, added: dict[str, np.ndarray]
             continue  # the writer adds the first; the others are the reader's view of the header
         if item.name in metadata:
             raise ExportError(f"the base GGUF already has a {item.name} key: is it an export already?")
+        if item.name in renamed:
+            writer.add_key_value(item.name, renamed[item.name], GGUFValueType.STRING)
+            continue
         value_type = item.types[0]
         sub_type = item.types[-1] if value_type == GGUFValueType.ARRAY else None
         writer.add_key_value(item.name, item.contents(), value_type, sub_type=sub_type)
@@ -132,9 +145,10 @@ def gguf_value_type(value: Any) -> GGUFValueType:
     return GGUFValueType.STRING
 
 
-def check_gguf_copy(original: Path, exported: Path, added: dict[str, np.ndarray]) -> None:
+def check_gguf_copy(original: Path, exported: Path, added: dict[str, np.ndarray], renamed: dict[str, str]) -> None:
     """Read both files back: every original tensor byte-identical (type, shape, bytes), every original metadata
-    value equal, and exactly the `added` tensors more, with their values."""
+    value equal but the `renamed` ones (which hold their new values), and exactly the `added` tensors more, with
+    their values."""
     before, after = GGUFReader(original), GGUFReader(exported)
     new_tensors = {t.name: t for t in after.tensors}
     for tensor in before.tensors:
@@ -152,6 +166,7 @@ def check_gguf_copy(original: Path, exported: Path, added: dict[str, np.ndarray]
         if item.name.startswith("GGUF."):
             continue
         copy = after.get_field(item.name)
-        if copy is None or copy.types != item.types or copy.contents() != item.contents():
+        expected = renamed.get(item.name, item.contents())
+        if copy is None or copy.types != item.types or copy.contents() != expected:
             raise ExportError(f"GGUF copy check failed: metadata {item.name} differs from the original")
 

@@ -137,9 +137,16 @@ def model_card(report: ExportReport) -> str:
 FOLD_TEXT = (
     "At every layer the steering adds a constant `d = alpha * w * v` (per head: the head's weight times its "
     "detoxification vector) to the input of the output projection, so `W (h + d) + b = W h + (b + W d)`: the "
-    "folded bias is `b + W d`, computed in float64 and rounded once. Logits equal the live steered model's up to "
-    "float rounding."
+    "folded bias is `b + W d`, computed in float64 and rounded once."
 )
+EXACTNESS = {
+    "hf": "With the same weights (this folder's dtype), logits equal the live steered model's up to float rounding.",
+    "gguf": ("The biases are exact (float32), but the other tensors keep the base file's quantization: llama.cpp's "
+             "logits differ from the live steered model's (which runs on dequantized float32 weights) by the "
+             "quantization error, as the base model's do, so greedy text can differ from live steering's; with "
+             "float32 base tensors they agree up to float rounding."),
+}
+"""What the folded file reproduces exactly, per export format."""
 GGUF_TEXT = (
     "llama.cpp reads the optional `blk.N.attn_output.bias` of its `llama` architecture, so it runs this file as it "
     "is: `llama-cli -m {name} -p \"...\"`.\n\n"
@@ -163,7 +170,7 @@ def fold_description(report: ExportReport) -> list[str]:
     """The card's account of what folding did to this model."""
     if not report.folded:
         return ["The steering is all zero (alpha 0), so this is the base model unchanged: no bias was added."]
-    lines = [FOLD_TEXT]
+    lines = [f"{FOLD_TEXT} {EXACTNESS[report.format]}"]
     if report.exported_as:
         dropped = ", ".join(report.dropped_config_keys) or "none"
         lines.append(f"\nThe stock {report.model_type} class has no bias slot on that projection, so the model is "
