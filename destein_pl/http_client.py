@@ -43,12 +43,15 @@ class RetryPolicy:
     Args:
         max_retries: retries after the first request (0: try once).
         backoff_s: wait before retry k (0-based) is `backoff_s * 2**k` seconds, or longer if the server asks.
-        timeout_s: seconds to wait for a connection or for data before the request counts as failed.
+        timeout_s: a deadline for each request, from its start to the last byte of the answer: a slow trickle of
+            data does not keep a request alive past it.
+        max_response_bytes: a longer answer is refused (it is not read further) and not retried.
     """
 
     max_retries: int = 3
     backoff_s: float = 1.0
     timeout_s: float = 30.0
+    max_response_bytes: int = 2**20
 
     def __post_init__(self) -> None:
         if self.max_retries < 0:
@@ -57,6 +60,8 @@ class RetryPolicy:
             raise ValueError(f"backoff_s must be a finite number >= 0, got {self.backoff_s}")
         if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
             raise ValueError(f"timeout_s must be a finite number > 0, got {self.timeout_s}")
+        if self.max_response_bytes < 1:
+            raise ValueError(f"max_response_bytes must be at least 1, got {self.max_response_bytes}")
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to wait after failed attempt `attempt` (0-based): the backoff, or the server's wish if longer."""
@@ -142,10 +147,31 @@ def _retryable(status: int) -> bool:
     return status == 429 or status >= 500
 
 
-def _attempt(request: urllib.request.Request, timeout_s: float) -> tuple[int, bytes]:
-    """One request: the answer's status and body (urllib raises HTTPError for statuses of 400 and more)."""
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
-        return response.status, response.read()
+class ResponseTooLarge(Exception):
+    """An answer longer than the policy's `max_response_bytes`."""
+
+
+def _attempt(request: urllib.request.Request, policy: RetryPolicy) -> tuple[int, bytes]:
+    """One request within its deadline: the answer's status and body (urllib raises HTTPError for statuses of 400
+    and more, TimeoutError past the deadline)."""
+    deadline = time.monotonic() + policy.timeout_s
+    with urllib.request.urlopen(request, timeout=policy.timeout_s) as response:
+        sock = getattr(getattr(response.fp, "raw", None), "_sock", None)
+        chunks, size = [], 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the answer did not arrive within timeout_s")
+            if sock is not None:  # each wait for data ends at the deadline, not a timeout_s later
+                sock.settimeout(remaining)
+            chunk = response.read1(65536)
+            if not chunk:
+                return response.status, b"".join(chunks)
+            size += len(chunk)
+            if size > policy.max_response_bytes:
+                raise ResponseTooLarge(f"the answer is longer than {policy.max_response_bytes} bytes "
+                                       f"(max_response_bytes); not read further")
+            chunks.append(chunk)
 
 
 def post_json(
@@ -175,7 +201,9 @@ def post_json(
         request = urllib.request.Request(url, data=data, headers=all_headers, method="POST")
         retry_after = None
         try:
-            status, payload = _attempt(request, policy.timeout_s)
+            status, payload = _attempt(request, policy)
+        except ResponseTooLarge as err:
+            raise HTTPRequestError(safe_url, str(err), None, attempt + 1) from None
         except urllib.error.HTTPError as err:
             status, reason = err.code, f"HTTP {err.code}"
             err.close()

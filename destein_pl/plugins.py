@@ -60,22 +60,19 @@ def construct(cls: type[T], options: dict[str, Any], kind: str) -> T:
     return cls(**options)
 
 
-def build_plugin(spec: T | str, base: type[T], registry: dict[str, type[T]], kind: str, options: dict[str, Any]) -> T:
-    """The `base` instance `spec` names: an instance (returned as is, `options` must be empty), a name or import
-    path constructed with `options`, or a `{class_path: ..., init_args: ...}` mapping written as a string (what
-    a command line gives when the parser did not accept it as a class: constructing it here names the problem)."""
+def build_plugin(spec: T | str, base: type[T], registry: dict[str, type[T]], kind: str) -> T:
+    """The `base` instance `spec` names: an instance (returned as is), a name or import path constructed with its
+    defaults, or a `{class_path: ..., init_args: ...}` mapping written as a string (what a command line gives when
+    the parser did not accept it as a class: constructing it here names the problem)."""
     if isinstance(spec, base):
-        if options:
-            raise ValueError(f"{kind} options {sorted(options)} given for a {kind} that is already built; give them "
-                             f"as its init_args")
         return spec
     if not isinstance(spec, str):
         raise ValueError(f"a {kind} is a name or class_path/init_args, got {type(spec).__name__}")
     if spec.lstrip().startswith("{"):
         mapping = _mapping(spec, kind)
         cls = plugin_class(str(mapping["class_path"]), base, registry, kind)
-        return construct(cls, {**(mapping.get("init_args") or {}), **options}, kind)
-    return construct(plugin_class(spec, base, registry, kind), options, kind)
+        return construct(cls, mapping.get("init_args") or {}, kind)
+    return construct(plugin_class(spec, base, registry, kind), {}, kind)
 
 
 def _mapping(spec: str, kind: str) -> dict[str, Any]:

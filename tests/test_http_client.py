@@ -26,7 +26,7 @@ from destein_pl.http_client import (
 class Server:
     """A loopback server whose answer depends on the path: `/ok` echoes the body; `/fail/<status>/<n>` fails n
     times with that status (n = `always`: forever) then echoes; `/slow` answers after 1 s; `/malformed` sends a
-    200 that is not JSON. `retry_after[path]` is sent as the Retry-After header of failures."""
+    200 that is not JSON; `/trickle` sends its answer a byte every 0.1 s; `/huge` sends 3 MB. `retry_after[path]` is sent as the Retry-After header of failures."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
@@ -52,6 +52,21 @@ class Server:
                     time.sleep(1.0)
                 elif path == "/malformed":
                     return self._reply(200, b"<html>not json</html>")
+                elif path == "/trickle":  # a valid answer, one byte every 0.1 s
+                    data = json.dumps({"echo": "x" * 40}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    try:
+                        for i in range(len(data)):
+                            self.wfile.write(data[i : i + 1])
+                            self.wfile.flush()
+                            time.sleep(0.1)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    return None
+                elif path == "/huge":
+                    return self._reply(200, json.dumps({"echo": "x" * 3_000_000}).encode())
                 self._reply(200, json.dumps({"echo": json.loads(body), "attempt": seen}).encode())
 
             def _reply(self, status: int, data: bytes, headers: dict[str, str] | None = None) -> None:
@@ -158,6 +173,20 @@ def test_retry_after_parsing():
     assert retry_after_seconds("-3", now) == 0.0
     assert retry_after_seconds(None) is None and retry_after_seconds("") is None
     assert retry_after_seconds("soon", now) is None and retry_after_seconds("inf", now) is None
+
+
+def test_timeout_s_is_a_deadline_for_the_whole_answer(server):
+    start = time.monotonic()
+    with pytest.raises(HTTPRequestError, match="timed out"):
+        post_json(f"{server.base}/trickle", {}, policy=RetryPolicy(max_retries=0, timeout_s=0.5))
+    assert time.monotonic() - start < 2.0  # the whole answer would take over 5 s
+
+
+def test_an_answer_over_the_size_cap_is_refused_and_not_retried(server):
+    with pytest.raises(HTTPRequestError, match="longer than 1048576 bytes"):
+        post_json(f"{server.base}/huge", {}, policy=RetryPolicy(max_retries=2, backoff_s=0.0))
+    assert server.counts["/huge"] == 1
+    assert post_json(f"{server.base}/huge", {}, policy=RetryPolicy(max_response_bytes=4_000_000))["echo"][:3] == "xxx"
 
 
 def test_timeouts_are_retried_then_raised(server):

@@ -6,7 +6,8 @@ one layer's parameters at a time during a forward pass. The steering buffers are
 process. Lightning's own `fsdp` strategy wraps the whole module as one unit (it would gather every parameter at
 once) and refuses the CPU; this one runs on GPUs and, with gloo, on CPUs.
 
-    destein test --config configs/llama2-70b-fsdp.yaml --trainer.strategy destein_fsdp --trainer.devices 8
+    destein test --config configs/paper-base.yaml --config configs/paper/llama2-70b.yaml \
+      --trainer.strategy destein_fsdp --trainer.devices 8
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Fusion variants (`paper`, `norm_preserving`, `published`) against hand computations with plain hooks, their
-storage in checkpoints, and folding's refusal of the variants that are not a constant bias."""
+"""Steering operators (`paper`, `norm_preserving`, `published`, and one registered by a test) against hand
+computations with plain hooks, their storage in checkpoints, and folding's refusal of those that do not fold."""
 
 import copy
 
@@ -195,3 +195,29 @@ def test_lightning_module_passes_fusion_and_gate_to_the_checkpoint_and_overrides
     assert overrides.steered.fusion == "norm_preserving"
     assert (overrides.steered.gate.mode, overrides.steered.gate.threshold, overrides.steered.gate.heads) == \
         ("hard", 0.7, 3)
+
+
+def test_a_new_operator_is_one_registered_class():
+    """The extension point: a class with `@register` is selectable by name, called at its site with the gate's
+    scale, and refused by folding unless it declares that it folds."""
+    from destein_pl.steering.operators import OPERATORS, SteeringOperator, register
+
+    @register
+    class Doubled(SteeringOperator):
+        name = "doubled_for_test"
+
+        def __call__(self, x, layer, projection, scale):
+            return x + 2 * layer.steering_offset().to(x)
+
+    try:
+        steered = steered_tiny("llama", "doubled_for_test")
+        reference = steered_tiny("llama", "paper", alpha=2 * ALPHA)
+        ids = random_ids(2, 7)
+        with torch.no_grad():
+            torch.testing.assert_close(steered(input_ids=ids).logits, reference(input_ids=ids).logits)
+        with pytest.raises(NotFoldableError, match="fusion='doubled_for_test'"):
+            fold(steered)
+        with pytest.raises(ValueError, match="already registered"):
+            register(Doubled)
+    finally:
+        OPERATORS.pop("doubled_for_test")
