@@ -20,5 +20,7 @@ demo: install
 test: install
 	$(PYTHON) -m pytest -q
 
+# Every benchmark's standard run (hours on a CPU), writing docs/results/, then docs/BENCHMARKS.md; `python -m benchmarks`
+# lists them, `python -m benchmarks NAME --quick --output-dir DIR` runs one in seconds.
 bench: install
-	$(PYTHON) benchmarks/core.py
+	$(PYTHON) -m benchmarks standard

@@ -1,7 +1,7 @@
 """What calibration costs on the embedded SmolLM2-135M-Instruct: ParaDetox pairs with the paper's cues, recorded and
 probed as `destein fit --config configs/smollm2-135m.yaml` does, in one run.
 
-    python benchmarks/calibration_cost.py [--pairs 40] [--repeats 5] [--sizes 10 20 40 80 160] [--size-repeats 3]
+    python -m benchmarks calibration_cost [--pairs 40] [--repeats 5] [--sizes 10 20 40 80 160] [--size-repeats 3]
                                           [--check-m M] [--threads N]
 
 1. Recording throughput: the same `--pairs` pairs recorded by `Calibrator.record` in batches of 8 pairs (what `destein
@@ -15,11 +15,12 @@ probed as `destein fit --config configs/smollm2-135m.yaml` does, in one run.
    regressions (one set on the cued texts, whose accuracies weigh the heads, one on the uncued texts for the gate),
    then the vectors and head weights.
 3. Growth: the whole calibration (recording in batches of 8, then the probes) for each of `--sizes` pairs (ParaDetox,
-   seed 0, as `--data.pairs.m` samples them), `--size-repeats` times (sizes interleaved), and the least-squares line
+   seed 0, as `--data.pairs.m` samples them), `--size-repeats` times (sizes in turn), and the least-squares line
    `seconds = a + b * m` through every measurement, with its prediction for 1,000 and 10,000 pairs. `--check-m M`
    also measures one calibration on M pairs against that prediction.
 
-Writes `docs/results/calibration_cost.md`. Model loading is not counted (`benchmarks/core.py` measures it).
+Writes `docs/results/calibration_cost.md`. Model loading is not counted (`benchmarks/load_speed.py` measures it).
+`--model` calibrates another model (a folder or a built-in name) the same way.
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from results import DATA, spread, write_result
 from torch.utils.data import DataLoader
 
+from benchmarks.results import DATA, Results, shown
+from benchmarks.timing import in_turn, spread
 from destein_pl import (
     Calibration,
     CalibrationOptions,
@@ -49,6 +52,7 @@ from destein_pl import (
 from destein_pl.calibration.calibrate import Calibrator
 from destein_pl.calibration.pairs import PairsDataset, collate_pairs
 
+MODEL = "smollm2-135m"
 PAIRS = DATA / "paradetox" / "paradetox.tsv"
 BATCH_SIZE = 8
 """Pairs per step of `destein fit --config configs/smollm2-135m.yaml` (`data.pairs.batch_size`)."""
@@ -115,15 +119,16 @@ def throughput(steered: SteeredCausalLM, pairs: list[SteeringPair], config: Pair
     difference between `calibrate()` and the batched runs here (the timed loop must be what the library does)."""
     steps = {"batched (8 pairs per step)": batches(pairs, config, BATCH_SIZE),
              "one text per forward pass": batches(pairs, config, 1)}
-    names = list(steps)
     warm = Calibrator(steered, OPTIONS)
-    for name in names:
-        record(warm, steps[name][0])  # warm-up, untimed and discarded
-    runs: dict[str, list[Run]] = {name: [] for name in names}
-    for repeat in range(repeats):
-        for name in (names if repeat % 2 == 0 else names[::-1]):
-            runs[name].append(timed_calibration(steered, steps[name]))
-    batched, single = (runs[name][0].calibration for name in names)
+
+    def warm_up() -> None:  # the first step of each mode, untimed and discarded
+        for batches_of_mode in steps.values():
+            record(warm, batches_of_mode[0])
+
+    timings = in_turn({name: partial(timed_calibration, steered, batches_of_mode)
+                       for name, batches_of_mode in steps.items()}, repeats, warm_up)
+    runs = {name: [t.value for t in mode] for name, mode in timings.items()}
+    batched, single = (mode[0].calibration for mode in runs.values())
     reference = calibrate(steered, pairs, OPTIONS, batch_size=BATCH_SIZE, cues=config.cue_pair, progress=False)
     library = (reference.vectors - batched.vectors).abs().max().item()
     return runs, compare(batched, single), library
@@ -163,14 +168,12 @@ def probes_table(runs: dict[str, list[Run]], steered: SteeredCausalLM, num_pairs
 
 def growth(steered: SteeredCausalLM, config: PairsConfig, sizes: list[int],
            repeats: int) -> dict[int, list[Run]]:
-    """Batched calibrations on `m` pairs for every size, `repeats` times, the sizes interleaved."""
+    """Batched calibrations on `m` pairs for every size, `repeats` times, the sizes in turn (no warm-up: the
+    throughput measurement ran before)."""
     steps = {m: batches(load_pairs(PairsConfig(config.source, m=m, seed=config.seed)), config, BATCH_SIZE)
              for m in sizes}
-    runs: dict[int, list[Run]] = {m: [] for m in sizes}
-    for repeat in range(repeats):
-        for m in (sizes if repeat % 2 == 0 else sizes[::-1]):
-            runs[m].append(timed_calibration(steered, steps[m]))
-    return runs
+    timings = in_turn({m: partial(timed_calibration, steered, steps[m]) for m in sizes}, repeats, warm_up=False)
+    return {m: [t.value for t in mode] for m, mode in timings.items()}
 
 
 def fit_line(runs: dict[int, list[Run]], part: str) -> tuple[float, float, float]:
@@ -213,8 +216,8 @@ def line_table(runs: dict[int, list[Run]], check: tuple[int, Run] | None) -> str
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=MODEL, help=f"the model calibrated (default {MODEL})")
     parser.add_argument("--pairs-source", default=str(PAIRS), help="ParaDetox TSV (or a pairs JSONL)")
     parser.add_argument("--pairs", type=int, default=40, help="pairs of the throughput and probe measurements")
     parser.add_argument("--repeats", type=int, default=5, help="repetitions of the throughput measurement")
@@ -222,12 +225,10 @@ def main() -> None:
     parser.add_argument("--size-repeats", type=int, default=3, help="repetitions of each size")
     parser.add_argument("--check-m", type=int, default=None, help="also measure one calibration on this many pairs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pair samples")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
-    model, tokenizer = load_base_model("smollm2-135m")
+
+def run(args: argparse.Namespace, results: Results) -> None:
+    model, tokenizer = load_base_model(args.model)
     steered = SteeredCausalLM(model, tokenizer)
     config = PairsConfig(args.pairs_source, m=args.pairs, seed=args.seed)
     runs, differences, library = throughput(steered, load_pairs(config), config, args.repeats)
@@ -238,9 +239,10 @@ def main() -> None:
         pairs = load_pairs(PairsConfig(config.source, m=args.check_m, seed=args.seed))
         check = (args.check_m, timed_calibration(steered, batches(pairs, config, BATCH_SIZE)))
 
+    described = f"`{MODEL}` (SmolLM2-135M-Instruct, " if args.model == MODEL else f"`{shown(Path(args.model))}` ("
     same = "\n".join(f"| {name} | {value:.3g} |" for name, value in differences.items())
     body = f"""
-Model `smollm2-135m` (SmolLM2-135M-Instruct, {steered.dtype}, {steered.num_layers} layers x {steered.num_heads} heads x
+Model {described}{steered.dtype}, {steered.num_layers} layers x {steered.num_heads} heads x
 {steered.head_dim}), ParaDetox pairs (seed {args.seed}) with the paper's cues, the options of
 `configs/smollm2-135m.yaml` (last 8 tokens, probe head weights). Loading the model is not counted.
 
@@ -269,8 +271,4 @@ repetitions per size (interleaved); medians:
 
 {line_table(grown, check)}
 """
-    write_result("calibration_cost", "Calibration cost: recording throughput, probes, growth with m", body)
-
-
-if __name__ == "__main__":
-    main()
+    results.write("calibration_cost", "Calibration cost: recording throughput, probes, growth with m", body)

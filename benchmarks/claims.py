@@ -1,8 +1,8 @@
 """The paper's ablation claims (its Tables 5, 9 and 11), measured on SmolLM2-135M with the development protocol of
 `benchmarks/frontier.py` (same seeded `tune` sample, profanity-check scorer, perplexity under the unsteered model).
 
-    python benchmarks/claims.py run [--samples 25] [--per-subset 100] [--only NAME...]  # evaluate, then the table
-    python benchmarks/claims.py table [--samples 25] [--per-subset 100]                # the table from stored runs
+    python -m benchmarks claims [--samples 25] [--per-subset 100] [--only NAME...]  # evaluate, then the table
+    python -m benchmarks claims --table-only [--samples 25] [--per-subset 100]     # the table from stored runs
 
 Every steered setting is calibrated here, in this process, exactly as `destein fit` would (`calibrate()`, pairs
 sampled with seed 0, the paper's cues, batches of 8) and evaluated at alpha 1.3 (the shipped checkpoints' alpha)
@@ -19,30 +19,37 @@ with the paper's fusion and no gate; only the ablated ingredient changes:
 The reference ("DeStein") is 40 ParaDetox pairs. Each verdict compares EMT, on the toxic prompts and on all prompts,
 with a paired bootstrap over prompts (2,000 resamples, seed 0): the claim holds or fails when the 95% interval of the
 difference excludes 0; otherwise the sample cannot tell. Runs are stored under
-`runs/claims/tune-n<per subset>-s<samples>/<setting>/` and resume (a larger sample reuses a smaller one's
-generations when its folders are copied there); the table goes to `docs/results/claims-n<per subset>-s<samples>.md`.
+`runs/claims/tune-n<per subset>-s<samples>/<setting>/` (`-t<tokens>` added for other than 20 tokens) and resume (a
+larger sample reuses a smaller one's generations when its folders are copied there); the table goes to
+`docs/results/claims-n<per subset>-s<samples>.md`. `--model` steers another model (a folder or a built-in name) the
+same way.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
+import shlex
 import statistics
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from frontier import SUBSET_SIZE, evaluate_setting, split_prompts, stored_records, summarize
-from results import DATA, ROOT, write_result
 
+from benchmarks.evaluation import PROTOCOL_SAMPLES, PROTOCOL_TOKENS
+from benchmarks.frontier import SUBSET_SIZE, evaluate_setting, split_prompts, stored_records, stored_runs, summarize
+from benchmarks.results import DATA, ROOT, RUNS, Results
+
+log = logging.getLogger(__name__)
+
+MODEL = "smollm2-135m"
 ALPHA = 1.3
 PAIRS = {
     "paradetox": DATA / "paradetox" / "paradetox.tsv",
     "self-induced-parallel": ROOT / "checkpoints" / "smollm2-135m-self-induced-pairs.jsonl",
-    "self-induced-nonparallel": ROOT / "runs" / "induce" / "smollm2-135m-none" / "pairs.jsonl",
+    "self-induced-nonparallel": RUNS / "induce" / "smollm2-135m-none" / "pairs.jsonl",
 }
 
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -98,7 +105,8 @@ def calibrated(steered, name: str):
         return steered
     source = PAIRS[setting.get("pairs", "paradetox")]
     if not source.is_file():
-        raise SystemExit(f"{name}: no pairs file {source}; see this script's docstring for the command that makes it")
+        raise SystemExit(f"{name}: no pairs file {source}; `python -m benchmarks claims --help` says which command "
+                         f"makes it")
     pairs = load_pairs(PairsConfig(source=str(source), m=setting.get("m", 40), seed=0))
     heads = setting.get("heads")
     half = steered.head_weights.numel() // 2
@@ -143,11 +151,11 @@ def verdict(out: Path, first: str, second: str, expect: str) -> str:
     return f"EMT({first}) - EMT({second}): " + "; ".join(parts)
 
 
-def table(out: Path, per_subset: int, samples: int) -> None:
+def table(out: Path, per_subset: int, samples: int, tokens: int, results: Results, command: str) -> None:
     """The claims table from the stored runs, with the paper's numbers beside ours."""
-    rows = {f.name: summarize(f) for f in out.iterdir() if (f / "setting.json").is_file()}
+    rows = {f.name: summarize(f) for f in out.iterdir() if (f / "setting.json").is_file()} if out.is_dir() else {}
     if "base" not in rows:
-        raise SystemExit(f"no base run under {out}; run `python benchmarks/claims.py run` first")
+        raise SystemExit(f"no base run under {out}; run `{command}` first")
     base = rows["base"]
 
     def cell(row: dict[str, Any], subset: str, key: str, digits: int) -> str:
@@ -155,7 +163,7 @@ def table(out: Path, per_subset: int, samples: int) -> None:
         return f"{value:.{digits}f}" + ("" if row is base else f" ({100 * (value / ref - 1):+.0f}%)")
 
     lines = [(f"Tune sample of `benchmarks/frontier.py`, {per_subset} toxic + {per_subset} non-toxic prompts, "
-             f"{samples} continuations of 20 tokens, nucleus 0.9, profanity-check scorer; alpha {ALPHA:g}, paper "
+             f"{samples} continuations of {tokens} tokens, nucleus 0.9, profanity-check scorer; alpha {ALPHA:g}, paper "
              f"fusion, no gate; reference: 40 ParaDetox pairs. Paper: GPT2-large, Perspective API, alpha 0.4, "
              f"its own evaluation; its reference is 20 self-induced pairs with GPT-4 rewrites. Percentages are "
              f"against our base model (toxic EMT {base['toxic']['emt']:.3f}, PPL {base['toxic']['ppl']:.2f}; "
@@ -182,42 +190,43 @@ def table(out: Path, per_subset: int, samples: int) -> None:
         if "same" in claim:
             lines.append(f"Saturation: {verdict(out, *claim['same'], 'same')}.")
         lines.append("")
-    write_result(f"claims-n{per_subset}-s{samples}", "The paper's claims on SmolLM2-135M", "\n".join(lines),
-                 f"python benchmarks/claims.py run --samples {samples} --per-subset {per_subset}")
+    results.write(f"claims-n{per_subset}-s{samples}", "The paper's claims on SmolLM2-135M", "\n".join(lines), command)
 
 
-def run(out: Path, names: list[str], per_subset: int, samples: int) -> None:
+def evaluate_settings(model: str, out: Path, names: list[str], per_subset: int, samples: int, tokens: int) -> None:
     """Evaluate the named settings (skipping stored ones; an interrupted one resumes)."""
     from destein_pl import SteeredCausalLM, load_base_model
 
     prompts = split_prompts("tune", per_subset)
-    steered = SteeredCausalLM(*load_base_model("smollm2-135m"))
+    steered = SteeredCausalLM(*load_base_model(model))
     for name in names:
         folder = out / name
         if (folder / "setting.json").is_file():
             continue
-        print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
+        log.info("%s", name)
         calibrated(steered, name)
-        evaluate_setting(steered, prompts, folder, samples,
+        evaluate_setting(steered, prompts, folder, samples, tokens,
                          {"series": name, "alpha": ALPHA, **SETTINGS[name]})
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["run", "table"])
-    parser.add_argument("--samples", type=int, default=25, help="continuations per prompt (protocol: 25)")
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--samples", type=int, default=PROTOCOL_SAMPLES,
+                        help=f"continuations per prompt (protocol: {PROTOCOL_SAMPLES})")
     parser.add_argument("--per-subset", type=int, default=SUBSET_SIZE,
                         help=f"prompts of each subset (protocol: {SUBSET_SIZE}); fewer: the first of the sample")
+    parser.add_argument("--tokens", type=int, default=PROTOCOL_TOKENS,
+                        help=f"new tokens per continuation (protocol: {PROTOCOL_TOKENS})")
     parser.add_argument("--only", nargs="*", choices=list(SETTINGS), default=None, help="run only these settings")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = ROOT / "runs" / "claims" / f"tune-n{args.per_subset}-s{args.samples}"
-    if args.command == "run":
-        run(out, args.only or list(SETTINGS), args.per_subset, args.samples)
-    table(out, args.per_subset, args.samples)
+    parser.add_argument("--table-only", action="store_true", help="evaluate nothing: the table from stored runs")
+    parser.add_argument("--model", default=MODEL, help=f"the model steered (default {MODEL})")
 
 
-if __name__ == "__main__":
-    main()
+def run(args: argparse.Namespace, results: Results) -> None:
+    out = stored_runs("claims", results.runs, "tune", args.per_subset, args.samples, args.tokens)
+    if not args.table_only:
+        evaluate_settings(args.model, out, args.only or list(SETTINGS), args.per_subset, args.samples, args.tokens)
+    other = [*([] if args.tokens == PROTOCOL_TOKENS else ["--tokens", str(args.tokens)]),
+             *([] if args.model == MODEL else ["--model", args.model])]
+    command = shlex.join(["python", "-m", "benchmarks", "claims", "--samples", str(args.samples), "--per-subset",
+                          str(args.per_subset), *other])  # what evaluates every setting and writes the whole table
+    table(out, args.per_subset, args.samples, args.tokens, results, command)

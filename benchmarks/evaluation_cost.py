@@ -2,7 +2,7 @@
 (`checkpoints/smollm2-135m-paradetox.ckpt`), with the protocol's sampling: nucleus 0.9, 20 new tokens, 25
 continuations per prompt. Three parts; name some to run only those (none named: all three):
 
-    python benchmarks/evaluation_cost.py [sampler] [split] [growth] [--threads N] [--repeats 3]
+    python -m benchmarks evaluation_cost [sampler] [split] [growth] [--threads N] [--repeats 3]
 
 1. `sampler`: the evaluation sampler (`PromptSampler`, all prompts in one batch) against Hugging Face
    `generate(num_return_sequences=25)` called per prompt (nucleus only: generate's default top-k of 50 is turned
@@ -26,33 +26,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import statistics
-import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
-from results import DATA, ROOT, spread, write_result
 
-from destein_pl import EvaluationConfig, Prompt, SteeredCausalLM, evaluate
+from benchmarks.evaluation import PROTOCOL_SAMPLES, evaluation_config, sampling
+from benchmarks.results import DATA, ROOT, Results, shown
+from benchmarks.timing import in_turn, spread, timed
+from destein_pl import Prompt, SteeredCausalLM, evaluate
 from destein_pl.evaluation.prompts import read_rtp_jsonl, usable_prompts
 from destein_pl.evaluation.sampling import PromptSampler, end_token_ids
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT = ROOT / "checkpoints" / "smollm2-135m-paradetox.ckpt"
 PROMPT_FILES = ("rtp_toxic_1k.jsonl", "rtp_nontoxic_1k.jsonl")
-PROTOCOL_SAMPLES = 25
 TARGET_PROMPTS = 100_000
 PARTS = ("sampler", "split", "growth")
 COMPONENTS = ("generate_s", "perplexity_s", "score_s")
 """The parts of `results.json`'s timing that grow with the continuations per prompt."""
-
-
-def log(message: str) -> None:
-    """A progress line on stderr, with the time."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def mixed_prompts(seed: int = 0) -> list[Prompt]:
@@ -74,12 +72,6 @@ def cell(values: list[float], digits: int = 2) -> str:
     return f"{values[0]:.{digits}f}" if len(values) == 1 else spread(values, digits)
 
 
-def rotated(names: Sequence, repeat: int) -> list:
-    """names, starting at position `repeat` (so that no one always runs first)."""
-    shift = repeat % len(names)
-    return [*names[shift:], *names[:shift]]
-
-
 # 1. the sampler against generate -------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -88,7 +80,7 @@ def sampler_rates(steered: SteeredCausalLM, prompts: Sequence[Prompt], samples: 
     """Tokens/s of the evaluation sampler and of `generate(num_return_sequences=samples)` per prompt, each
     `repeats` times, in turn within each repetition. Both sample from the same distribution (nucleus 0.9,
     temperature 1, no top-k) and count the tokens up to, not including, the first end token."""
-    sampler = PromptSampler(steered, samples, tokens, seed=0)
+    sampler = PromptSampler(steered, sampling(samples, tokens))
     sampler.fix_width(prompts)
     tokenizer = steered.tokenizer
     eos = set(end_token_ids(steered.generation_config, tokenizer))
@@ -107,24 +99,9 @@ def sampler_rates(steered: SteeredCausalLM, prompts: Sequence[Prompt], samples: 
                 count += next((i for i, t in enumerate(row) if t in eos), len(row))
         return count
 
-    def rate(run: Callable[[], int]) -> float:
-        if steered.device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        count = run()
-        if steered.device.type == "cuda":
-            torch.cuda.synchronize()
-        return count / (time.perf_counter() - started)
-
-    runs = {"evaluation sampler (all prompts in one batch)": ours,
-            f"generate(num_return_sequences={samples}), per prompt": hf}
-    for run in runs.values():
-        run()  # warm-up
-    rates: dict[str, list[float]] = {name: [] for name in runs}
-    for repeat in range(repeats):
-        for name in rotated(list(runs), repeat):
-            rates[name].append(rate(runs[name]))
-    return rates
+    runs = in_turn({"evaluation sampler (all prompts in one batch)": ours,
+                    f"generate(num_return_sequences={samples}), per prompt": hf}, repeats)
+    return {name: [t.value / t.seconds for t in timings] for name, timings in runs.items()}
 
 
 def sampler_speed(steered: SteeredCausalLM, prompts: Sequence[Prompt], samples: int, tokens: int, repeats: int
@@ -146,10 +123,9 @@ def timed_evaluation(steered: SteeredCausalLM, prompts: Sequence[Prompt], sample
     generation, perplexity and scoring), and `call_s`, the wall time of the whole call (also loading the scorer
     and reading every prompt's width, which `total_s` leaves out)."""
     with tempfile.TemporaryDirectory(prefix="evaluation_cost-") as folder:
-        config = EvaluationConfig(output_dir=folder, alphas=alphas, num_samples=samples, max_new_tokens=tokens)
-        started = time.perf_counter()
-        evaluate(steered, prompts, config, batch_size=batch_size, progress=False, verbose=False)
-        call = time.perf_counter() - started
+        config = evaluation_config(folder, alphas, samples, tokens)
+        call = timed(lambda: evaluate(steered, prompts, config, batch_size=batch_size, progress=False,
+                                      verbose=False)).seconds
         timing = json.loads((Path(folder) / "results.json").read_text())["timing"]
     measured = {k: float(timing[k]) for k in (*COMPONENTS, "total_s", "outside_generate_share")}
     measured["other_s"] = measured["total_s"] - sum(measured[k] for k in COMPONENTS)
@@ -163,13 +139,14 @@ def split(steered: SteeredCausalLM, prompts: Sequence[Prompt], samples: int, tok
     """Timings of `evaluate` for alpha 0 and the checkpoint's alpha, both in each repetition (order alternating),
     after one untimed warm-up evaluation on two prompts."""
     alphas = [0.0, round(steered.alpha, 6)]
-    timed_evaluation(steered, prompts[:2], 1, tokens, alphas, batch_size)  # warm-up
-    runs: dict[float, list[dict[str, float]]] = {alpha: [] for alpha in alphas}
-    for repeat in range(repeats):
-        for alpha in rotated(alphas, repeat):
-            log(f"split: alpha {alpha:g}, repetition {repeat + 1} of {repeats}")
-            runs[alpha].append(timed_evaluation(steered, prompts, samples, tokens, [alpha], batch_size))
-    return runs
+
+    def one(alpha: float) -> dict[str, float]:
+        log.info("split: alpha %g", alpha)
+        return timed_evaluation(steered, prompts, samples, tokens, [alpha], batch_size)
+
+    runs = in_turn({alpha: partial(one, alpha) for alpha in alphas}, repeats,
+                   warm_up=lambda: timed_evaluation(steered, prompts[:2], 1, tokens, alphas, batch_size))
+    return {alpha: [t.value for t in timings] for alpha, timings in runs.items()}
 
 
 def split_table(runs: dict[float, list[dict[str, float]]]) -> str:
@@ -188,13 +165,13 @@ def growth(steered: SteeredCausalLM, prompts: Sequence[Prompt], sizes: list[int]
            alphas: list[float], repeats: int, batch_size: int) -> list[tuple[int, dict[str, float]]]:
     """(prompts, timing) of `evaluate` on the first `size` prompts for each size, `repeats` times (the order of
     the sizes rotating), after one untimed warm-up evaluation on two prompts."""
-    timed_evaluation(steered, prompts[:2], 1, tokens, alphas, batch_size)  # warm-up
-    points = []
-    for repeat in range(repeats):
-        for size in rotated(sizes, repeat):
-            log(f"growth: {size} prompts x {samples} continuations, repetition {repeat + 1} of {repeats}")
-            points.append((size, timed_evaluation(steered, prompts[:size], samples, tokens, alphas, batch_size)))
-    return points
+    def one(size: int) -> dict[str, float]:
+        log.info("growth: %d prompts x %d continuations", size, samples)
+        return timed_evaluation(steered, prompts[:size], samples, tokens, alphas, batch_size)
+
+    runs = in_turn({size: partial(one, size) for size in sizes}, repeats,
+                   warm_up=lambda: timed_evaluation(steered, prompts[:2], 1, tokens, alphas, batch_size))
+    return [(size, t.value) for size, timings in runs.items() for t in timings]
 
 
 def fit(points: list[tuple[int, dict[str, float]]], key: str) -> tuple[float, float]:
@@ -238,15 +215,13 @@ def growth_tables(points: list[tuple[int, dict[str, float]]], widths: dict[int, 
 
 def width(steered: SteeredCausalLM, prompts: Sequence[Prompt]) -> int:
     """The width in tokens to which an evaluation of these prompts pads every prompt (its longest prompt's)."""
-    return PromptSampler(steered, 1, 1).fix_width(prompts)
+    return PromptSampler(steered, sampling(1, 1)).fix_width(prompts)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("parts", nargs="*", metavar="PART",
                         help=f"parts to run, of {', '.join(PARTS)} (default: all three)")
     parser.add_argument("--ckpt", type=Path, default=CHECKPOINT, help="steering checkpoint (default: the shipped one)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts' shuffle")
     parser.add_argument("--samples", type=int, default=PROTOCOL_SAMPLES,
                         help="continuations per prompt in sampler and split (protocol: 25)")
@@ -261,23 +236,23 @@ def main() -> None:
     parser.add_argument("--growth-repeats", type=int, default=2, help="growth: repetitions of every size")
     parser.add_argument("--growth-alphas", type=float, nargs="+", default=None,
                         help="growth: alphas of each evaluation (default: the checkpoint's)")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace, results: Results) -> None:
     unknown = sorted(set(args.parts) - set(PARTS))
     if unknown:
-        parser.error(f"no part named {', '.join(unknown)}; the parts are {', '.join(PARTS)}")
+        raise SystemExit(f"no part named {', '.join(unknown)}; the parts are {', '.join(PARTS)}")
     if min(args.samples, args.tokens, args.repeats, args.batch_size, args.sampler_prompts, args.split_prompts,
            *args.sizes, args.growth_samples, args.growth_repeats) < 1:
-        parser.error("counts, sizes and repetitions must be at least 1")
+        raise SystemExit("counts, sizes and repetitions must be at least 1")
     if len(set(args.sizes)) < 2:
-        parser.error("--sizes needs at least two different sizes to fit a line")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+        raise SystemExit("--sizes needs at least two different sizes to fit a line")
     parts = [p for p in PARTS if p in (args.parts or PARTS)]
 
     steered = SteeredCausalLM.from_checkpoint(args.ckpt)
     steered.model.set_attn_implementation("eager")  # as evaluation runs it (EvaluationConfig.attn_implementation)
     alpha = round(steered.alpha, 6)
-    ckpt = args.ckpt.relative_to(ROOT) if args.ckpt.is_relative_to(ROOT) else args.ckpt.name
+    ckpt = shown(args.ckpt)
     pool = mixed_prompts(args.seed)
     files = " and ".join(f"`{name}`" for name in PROMPT_FILES)
     evaluation = (f"`evaluate` with {args.batch_size} prompts per step, the profanity-check scorer and perplexity "
@@ -289,7 +264,7 @@ def main() -> None:
 
     if "sampler" in parts:
         prompts = first(pool, args.sampler_prompts)
-        log(f"sampler: {len(prompts)} prompts x {args.samples} continuations, {args.repeats} repetitions")
+        log.info("sampler: %d prompts x %d continuations, %d repetitions", len(prompts), args.samples, args.repeats)
         lines = sampler_speed(steered, prompts, args.samples, args.tokens, args.repeats)
         sections.append(
             f"### The evaluation sampler against `generate`\n\n{len(prompts)} prompts x {args.samples} "
@@ -332,8 +307,4 @@ def main() -> None:
             f"larger run can cost more per prompt than these.\n\n"
             + growth_tables(points, widths, args.growth_samples))
 
-    write_result("evaluation_cost", "Evaluation cost", "\n\n".join(sections))
-
-
-if __name__ == "__main__":
-    main()
+    results.write("evaluation_cost", "Evaluation cost", "\n\n".join(sections))

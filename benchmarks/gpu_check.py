@@ -1,16 +1,17 @@
 """What a GPU changes, checked in one run of a few minutes on a machine with a CUDA GPU.
 
-    python benchmarks/gpu_check.py --prompts PATH/rtp_test_100.jsonl [--device cuda] [--out runs/gpu_check]
+    python -m benchmarks gpu_check [--prompts PATH/rtp_test_100.jsonl] [--device cuda] [--out runs/gpu_check]
 
-1. Steering on the device, float32 and bfloat16, for every supported family (tiny random models): zero steering
-   gives the base model's logits bit for bit; the steered logits against an independent computation (plain hooks
-   adding alpha * w * v); the folded model against the live-steered one.
-2. A short `destein test` of the shipped checkpoint on the embedded model in bfloat16 (10 prompts).
+1. Steering on the device, float32 and bfloat16, for every supported family (tiny random models, the test suite's
+   configs): zero steering gives the base model's logits bit for bit; the steered logits against an independent
+   computation (plain hooks adding alpha * w * v); the folded model against the live-steered one.
+2. A short `destein test` of the shipped checkpoint on the embedded model in bfloat16 (`--test-prompts`, 10).
+   (`--ckpt` takes another checkpoint, on its own base model, for this part and the next two.)
 3. The evaluation sampler's tokens/s against `generate(num_return_sequences=25)` on the same prompts.
 4. Whether a prompt's continuations are the same in a batch of 1 and of 4 on this device (CPU kernels keep it;
    GPU kernels may not: reported, not assumed).
 
-Prints markdown tables (with the device's name); `--device cpu` runs the same checks on the CPU.
+Writes `docs/results/gpu_check.md` (with the device's name); `--device cpu` runs the same checks on the CPU.
 """
 
 from __future__ import annotations
@@ -20,24 +21,39 @@ import copy
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-from evaluation_cost import sampler_speed  # the evaluation sampler against generate, timed in turn
 from transformers import AutoModelForCausalLM
 
+from benchmarks.evaluation import PROTOCOL_SAMPLES, PROTOCOL_TOKENS, destein_test_options, sampling
+from benchmarks.evaluation_cost import sampler_speed  # the evaluation sampler against generate, timed in turn
+from benchmarks.results import DATA, ROOT, Results, shown
+from benchmarks.timing import timed
 from destein_pl import SteeredCausalLM, architecture_for
 from destein_pl.evaluation.prompts import PromptsConfig, load_prompts
 from destein_pl.evaluation.sampling import PromptSampler
+from destein_pl.steering.checkpoint import read_checkpoint
 from destein_pl.steering.folding import fold
+from tests.conftest import TINY_CONFIGS  # the tiny configs of the test suite (the repository root is on the path)
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from tests.conftest import TINY_CONFIGS  # noqa: E402  (the tiny configs of the test suite)
-
-CHECKPOINT = REPO / "checkpoints" / "smollm2-135m-paradetox.ckpt"
+CHECKPOINT = ROOT / "checkpoints" / "smollm2-135m-paradetox.ckpt"
+PROMPTS = DATA / "rtp" / "rtp_test_100.jsonl"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompts", type=Path, default=PROMPTS, help="RealToxicityPrompts JSONL (default: the "
+                        "100-prompt test sample)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--ckpt", type=Path, default=CHECKPOINT, help="steering checkpoint (default: the shipped one)")
+    parser.add_argument("--out", type=Path, default=None, help="folder of the `destein test` run (default: "
+                        "runs/gpu_check)")
+    parser.add_argument("--samples", type=int, default=PROTOCOL_SAMPLES)
+    parser.add_argument("--tokens", type=int, default=PROTOCOL_TOKENS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--test-prompts", type=int, default=10, help="prompts of the `destein test` run")
+    parser.add_argument("--skip-test", action="store_true", help="skip the `destein test` run")
 
 
 def hand_steered_logits(model, vectors, weights, alpha, batch) -> torch.Tensor:
@@ -83,24 +99,26 @@ def steering_checks(device: str) -> list[str]:
     return lines
 
 
-def destein_test(device: str, prompts: Path, out: Path) -> list[str]:
+def destein_test(device: str, ckpt: Path, prompts: Path, n: int, samples: int, tokens: int, out: Path) -> list[str]:
+    """`destein test` of a checkpoint on its base model in bfloat16 on `n` prompts: its time and results table."""
     accelerator = "gpu" if device.startswith("cuda") else "cpu"
-    cmd = [sys.executable, "-m", "destein_pl.lightning.cli", "test", "--config", str(REPO / "configs" / "smollm2-135m.yaml"),
-           "--ckpt_path", str(CHECKPOINT), "--model.dtype", "bfloat16", "--data.prompts.source", str(prompts),
-           "--data.prompts.n", "10", "--model.evaluation.output_dir", str(out / "test"),
-           "--trainer.accelerator", accelerator, "--trainer.devices", "1", "--trainer.logger", "false"]
-    started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    seconds = time.perf_counter() - started
-    if done.returncode:
-        return [f"`destein test` failed ({done.returncode}):", "```", done.stderr[-3000:], "```"]
-    return [f"`destein test`, 10 prompts x 25 samples, bfloat16: {seconds:.0f} s in all", "",
-            (out / "test" / "results.md").read_text()]
+    base_model = read_checkpoint(ckpt)[1]["base_model"]["name_or_path"]
+    cmd = [sys.executable, "-m", "destein_pl.lightning.cli", "test", "--config",
+           str(ROOT / "configs" / "smollm2-135m.yaml"), "--ckpt_path", str(ckpt), "--model.base_model", base_model,
+           "--model.dtype", "bfloat16",
+           "--data.prompts.source", str(prompts), "--data.prompts.n", str(n), *destein_test_options(samples, tokens),
+           "--model.evaluation.output_dir", str(out / "test"), "--trainer.accelerator", accelerator,
+           "--trainer.devices", "1", "--trainer.logger", "false"]
+    done = timed(lambda: subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT))
+    if done.value.returncode:
+        raise RuntimeError(f"`destein test` failed ({done.value.returncode}):\n{done.value.stderr[-3000:]}")
+    return [f"`destein test`, {n} prompts x {samples} samples of {tokens} tokens, bfloat16: {done.seconds:.0f} s "
+            f"in all", "", (out / "test" / "results.md").read_text()]
 
 
 @torch.no_grad()
 def batch_invariance(steered, prompts, samples: int, tokens: int) -> str:
-    sampler = PromptSampler(steered, samples, tokens, seed=0)
+    sampler = PromptSampler(steered, sampling(samples, tokens))
     sampler.fix_width(prompts)
     together = sampler(prompts).texts
     alone = [sampler([p]).texts[0] for p in prompts]
@@ -108,34 +126,22 @@ def batch_invariance(steered, prompts, samples: int, tokens: int) -> str:
     return f"{same} of {len(prompts)} prompts have the same {samples} continuations in a batch of 1 and of 4"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=Path, required=True, help="RealToxicityPrompts JSONL (e.g. a 100-prompt sample)")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "gpu_check")
-    parser.add_argument("--samples", type=int, default=25)
-    parser.add_argument("--tokens", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-test", action="store_true", help="skip the `destein test` run")
-    args = parser.parse_args()
+def run(args: argparse.Namespace, results: Results) -> None:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
-    print(f"# GPU check on {name} ({args.device}), torch {torch.__version__}\n")
-    print("## Steering on the device\n")
-    print("\n".join(steering_checks(args.device)))
+    sections = ["### Steering on the device", "", *steering_checks(args.device)]
     if not args.skip_test:
-        print("\n## `destein test` on the embedded model, bfloat16\n")
-        print("\n".join(destein_test(args.device, args.prompts, args.out)))
+        sections += ["", f"### `destein test` of `{shown(args.ckpt)}`, bfloat16", "",
+                     *destein_test(args.device, args.ckpt, args.prompts, args.test_prompts, args.samples, args.tokens,
+                                   args.out or results.runs / "gpu_check")]
     prompts = load_prompts(PromptsConfig(str(args.prompts), n=4, seed=0))
     for dtype_name in DTYPES:
-        steered = SteeredCausalLM.from_checkpoint(CHECKPOINT, dtype=dtype_name, device_map={"": device})
+        steered = SteeredCausalLM.from_checkpoint(args.ckpt, dtype=dtype_name, device_map={"": device})
         steered.model.set_attn_implementation("eager")
-        print(f"\n## Sampler speed, {dtype_name}, {len(prompts)} prompts x {args.samples} samples x {args.tokens} tokens\n")
-        print("\n".join(sampler_speed(steered, prompts, args.samples, args.tokens, args.repeats)))
-        print(f"\n## Batch 1 vs 4, {dtype_name}\n")
-        print(batch_invariance(steered, prompts, args.samples, args.tokens))
+        sections += ["", f"### Sampler speed, {dtype_name}, {len(prompts)} prompts x {args.samples} samples x "
+                     f"{args.tokens} tokens", "", *sampler_speed(steered, prompts, args.samples, args.tokens,
+                                                                 args.repeats),
+                     "", f"### Batch 1 vs 4, {dtype_name}", "",
+                     batch_invariance(steered, prompts, args.samples, args.tokens)]
         del steered
-
-
-if __name__ == "__main__":
-    main()
+    results.write("gpu_check", f"GPU check on {name} ({args.device})", "\n".join(sections))

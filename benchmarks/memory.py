@@ -1,7 +1,7 @@
 """Memory of DeStein: the steering state the wrapper adds to a model, the size of the shipped checkpoints against the
 paper's Table 8, and the peak resident memory of `destein fit` and `destein test` on the embedded SmolLM2-135M.
 
-    python benchmarks/memory.py [--prompts 4] [--samples 25] [--repeats 3] [--threads N] [--no-processes]
+    python -m benchmarks memory [--prompts 4] [--samples 25] [--repeats 3] [--threads N] [--processes NAME...]
 
 1. Steering state: the buffers `SteeredCausalLM` registers on SmolLM2-135M-Instruct (by name, dtype and shape), and
    the calibrated probes the model holds for the gate, loaded from the shipped gated checkpoint.
@@ -15,6 +15,7 @@ paper's Table 8, and the peak resident memory of `destein fit` and `destein test
    continuations each (the config's prompt batch of 4 with the paper's 25 continuations makes one full-size
    generation batch: peak memory follows batch shapes, not the number of prompts). Every output goes to a new
    temporary folder, removed afterwards; `checkpoints/` is hashed before and after to show it is untouched.
+   `--processes` names the processes measured (default: all five; none: the first three parts only).
 
 Writes `docs/results/memory.md`.
 """
@@ -30,17 +31,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from memory_table import SHAPES
-from results import DATA, ROOT, spread, write_result
 from torch import Tensor
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
+from benchmarks.evaluation import PROTOCOL_SAMPLES, destein_test_options
+from benchmarks.memory_table import SHAPES
+from benchmarks.results import DATA, ROOT, Results
+from benchmarks.timing import spread, timed
 from destein_pl import SteeredCausalLM
 from destein_pl.steering.checkpoint import STEER_KEY_MARK, read_checkpoint
 
@@ -86,9 +88,9 @@ def state_table(steered: SteeredCausalLM) -> tuple[str, int]:
         lines.append(f"| `{name}` | buffer | {buffers[0].dtype} | {list(buffers[0].shape)} | {len(buffers)} | "
                      f"{size:,} |")
     if steered.gate_probes is not None:
-        for name, tensor in steered.gate_probes.arrays().items():
+        for name, tensor in steered.gate_probes.arrays("gate_probes.").items():
             total += nbytes(tensor)
-            lines.append(f"| `gate_probes.{name.removeprefix('probe_')}` | attribute (the gate's probes) | "
+            lines.append(f"| `{name}` | attribute (the gate's probes) | "
                          f"{tensor.dtype} | {list(tensor.shape)} (all layers) | 1 | {nbytes(tensor):,} |")
     lines.append(f"| **total** | | | | | **{total:,}** ({total / KIB:.1f} KiB) |")
     return "\n".join(lines), total
@@ -147,6 +149,8 @@ def paper_table(ours: PretrainedConfig) -> str:
 class Command:
     """A command line with `{tmp}` standing for its own temporary folder."""
 
+    name: str
+    """What `--processes` calls it."""
     label: str
     argv: list[str]
     shown: str
@@ -167,8 +171,8 @@ def commands(prompts: int, samples: int) -> list[Command]:
                 "smollm2-135m-paradetox"]
     fit = ["fit", "--config", "configs/smollm2-135m.yaml", *redirect]
     test = ["test", "--config", "configs/smollm2-135m.yaml", "--ckpt_path", "checkpoints/smollm2-135m-paradetox.ckpt",
-            "--data.prompts.source", rtp, "--data.prompts.n", str(prompts),
-            "--model.evaluation.num_samples", str(samples), "--model.evaluation.output_dir", "{tmp}/eval", *redirect]
+            "--data.prompts.source", rtp, "--data.prompts.n", str(prompts), *destein_test_options(samples),
+            "--model.evaluation.output_dir", "{tmp}/eval", *redirect]
     imports = "import destein_pl"
     load = "from destein_pl import load_base_model; load_base_model('smollm2-135m')"
     forward = ("from destein_pl import load_base_model; model, tokenizer = load_base_model('smollm2-135m'); "
@@ -179,12 +183,13 @@ def commands(prompts: int, samples: int) -> list[Command]:
         return " ".join(f'"{arg}"' if " " in arg else arg for arg in argv).replace("{tmp}", "$TMP")
 
     return [
-        Command("import the library", [*python, imports], shown(["python", "-c", imports])),
-        Command("load the base model", [*python, load], shown(["python", "-c", load])),
-        Command("load the base model, one forward pass", [*python, forward], shown(["python", "-c", forward])),
-        Command("`destein fit` (40 pairs)", [*cli, *fit], shown(["destein", *fit])),
-        Command(f"`destein test` ({prompts} prompts x {samples} continuations, alpha 0 and 1.3)", [*cli, *test],
-                shown(["destein", *test])),
+        Command("import", "import the library", [*python, imports], shown(["python", "-c", imports])),
+        Command("load", "load the base model", [*python, load], shown(["python", "-c", load])),
+        Command("forward", "load the base model, one forward pass", [*python, forward],
+                shown(["python", "-c", forward])),
+        Command("fit", "`destein fit` (40 pairs)", [*cli, *fit], shown(["destein", *fit])),
+        Command("test", f"`destein test` ({prompts} prompts x {samples} continuations, alpha 0 and 1.3)",
+                [*cli, *test], shown(["destein", *test])),
     ]
 
 
@@ -205,10 +210,9 @@ def peak_rss(argv: list[str], env: dict[str, str], tmp: Path) -> tuple[float, fl
     log file in `tmp` (a pipe could fill and block the child)."""
     log, peak = tmp / "output.log", tmp / "peak-rss"
     with open(log, "wb") as out:
-        start = time.perf_counter()
-        code = subprocess.call([sys.executable, "-c", LAUNCHER, str(peak), *argv], cwd=ROOT, env=env, stdout=out,
-                               stderr=subprocess.STDOUT)
-        seconds = time.perf_counter() - start
+        call = timed(lambda: subprocess.call([sys.executable, "-c", LAUNCHER, str(peak), *argv], cwd=ROOT, env=env,
+                                             stdout=out, stderr=subprocess.STDOUT))
+    code, seconds = call.value, call.seconds
     if code != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"exit status {code}: {shlex.join(argv)}\n{tail}")
@@ -220,12 +224,13 @@ def digest(folder: Path) -> dict[str, str]:
             if path.is_file()}
 
 
-def processes(prompts: int, samples: int, repeats: int, threads: int | None) -> tuple[str, str]:
-    """Peak RSS and wall time of each command, `repeats` times (the commands in turn); the table and the commands."""
+def processes(prompts: int, samples: int, repeats: int, threads: int | None, names: list[str]) -> tuple[str, str]:
+    """Peak RSS and wall time of the named commands, `repeats` times (the commands in turn); the table and the
+    commands. Each row's difference is against the loaded and run base model when it is measured."""
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    todo = commands(prompts, samples)
+    todo = [c for c in commands(prompts, samples) if c.name in names]
     before = digest(CHECKPOINTS)
     peaks: dict[str, list[float]] = {c.label: [] for c in todo}
     walls: dict[str, list[float]] = {c.label: [] for c in todo}
@@ -244,12 +249,13 @@ def processes(prompts: int, samples: int, repeats: int, threads: int | None) -> 
                     extra = sorted(set(read_checkpoint(made)[0]) - set(read_checkpoint(SHIPPED[0])[0]))
     if digest(CHECKPOINTS) != before:
         raise RuntimeError("checkpoints/ changed during the run")
-    base = statistics.median(peaks[todo[2].label])
+    forward = next((statistics.median(peaks[c.label]) for c in todo if c.name == "forward"), None)
     lines = [("| process | peak RSS MiB, median (min - max) | against the loaded and run base model (MiB) | wall s, "
               "median (min - max) |"), "| --- | ---: | ---: | ---: |"]
     for command in todo:
-        lines.append(f"| {command.label} | {spread(peaks[command.label], 0)} | "
-                     f"{statistics.median(peaks[command.label]) - base:+.0f} | {spread(walls[command.label], 1)} |")
+        against = "-" if forward is None else f"{statistics.median(peaks[command.label]) - forward:+.0f}"
+        lines.append(f"| {command.label} | {spread(peaks[command.label], 0)} | {against} | "
+                     f"{spread(walls[command.label], 1)} |")
     if written:
         shipped = (CHECKPOINTS / "smollm2-135m-paradetox.ckpt").stat().st_size
         more = f"; it also holds {', '.join(f'`{name}`' for name in extra)}" if extra else ""
@@ -260,18 +266,18 @@ def processes(prompts: int, samples: int, repeats: int, threads: int | None) -> 
     return "\n".join(lines), shown
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=int, default=4, help="prompts of the `destein test` run")
-    parser.add_argument("--samples", type=int, default=25, help="continuations per prompt of the `destein test` run")
+    parser.add_argument("--samples", type=int, default=PROTOCOL_SAMPLES,
+                        help="continuations per prompt of the `destein test` run")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each process")
-    parser.add_argument("--no-processes", action="store_true", help="skip the peak memory of processes")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads here and OMP_NUM_THREADS of the processes (default: torch's choice)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    names = [command.name for command in commands(1, 1)]
+    parser.add_argument("--processes", nargs="*", choices=names, default=names,
+                        help="the processes whose peak memory is measured (default: all; --threads also sets their "
+                             "OMP_NUM_THREADS)")
 
+
+def run(args: argparse.Namespace, results: Results) -> None:
     steered = SteeredCausalLM.from_checkpoint(GATED)
     state, total = state_table(steered)
     params = sum(nbytes(p) for p in steered.model.parameters())
@@ -296,8 +302,8 @@ probes (coefficients L x H x D, accuracy and intercept L x H; a gated one a seco
 
 {paper_table(steered.config)}
 """
-    if not args.no_processes:
-        table, shown = processes(args.prompts, args.samples, args.repeats, args.threads)
+    if args.processes:
+        table, shown = processes(args.prompts, args.samples, args.repeats, args.threads, args.processes)
         threads = f"OMP_NUM_THREADS={args.threads}" if args.threads else "the default threads"
         body += f"""
 **Peak resident memory** of fresh processes (`ru_maxrss`, read by a small launcher process: `getrusage` of its
@@ -312,8 +318,4 @@ Commands (`destein` was run as `python -m destein_pl.lightning.cli`):
 
 {shown}
 """
-    write_result("memory", "Memory: steering state, checkpoint files, peak RSS of fit and test", body)
-
-
-if __name__ == "__main__":
-    main()
+    results.write("memory", "Memory: steering state, checkpoint files, peak RSS of fit and test", body)

@@ -1,11 +1,10 @@
-"""Expected GPU memory per device for the multi-GPU configs, computed from the model shapes, with the arithmetic.
-
-    python benchmarks/memory_table.py            # prints the README's tables (markdown)
+"""Expected GPU memory per device for the multi-GPU configs, computed from the model shapes, with the arithmetic:
+the README's tables, written to `docs/results/memory_table.md`.
 
 Parameter counts come from building each model on the meta device (no weights, no download) from its public
 shape (config.json of meta-llama/Llama-2-13b-hf and -70b-hf). Everything else is arithmetic on the settings of
-`configs/llama2-13b.yaml` and `configs/llama2-70b.yaml`. Not counted: the CUDA context and the allocator's slack
-(typically 1-3 GiB), activations of one layer (small beside the KV cache at these batch sizes).
+`configs/paper/llama2-13b.yaml` and `configs/paper/llama2-70b.yaml`. Not counted: the CUDA context and the
+allocator's slack (typically 1-3 GiB), activations of one layer (small beside the KV cache at these batch sizes).
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
+
+from benchmarks.results import Results
 
 GIB = 2**30
 BF16 = 2  # bytes per weight and per cached key/value
@@ -81,30 +82,30 @@ def sharded(m: Shape, gpus: int) -> list[tuple[str, str, float]]:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=64,
                         help="padded prompt width (RealToxicityPrompts prompts are shorter; max_prompt_tokens 512)")
     parser.add_argument("--perplexity-batch-size", type=int, default=64)
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace, results: Results) -> None:
     m13, m70 = Shape.of("Llama-2-13b"), Shape.of("Llama-2-70b")
     judge_tokens = args.perplexity_batch_size * (args.prompt_tokens + 20)
-    print(table(
+    replicas = table(
         f"LLaMA-2-13B replicas (DDP) + LLaMA-2-70B perplexity model sharded over {args.gpus} GPUs "
-        "(`configs/llama2-13b.yaml`)",
+        "(`configs/paper/llama2-13b.yaml`)",
         [row("Llama-2-13b weights (a whole replica)", f"{m13.params / 1e9:.2f} B params x 2 B", m13.params * BF16),
          steering(m13),
          kv(m13, 16384, "one generation batch (max_batch_tokens 16384)"),
          *sharded(m70, args.gpus),
-         kv(m70, judge_tokens, f"perplexity batch ({args.perplexity_batch_size} x ({args.prompt_tokens} + 20))")]))
-    print()
-    print(table(
-        f"LLaMA-2-70B steered, sharded over {args.gpus} GPUs (`destein_fsdp`, `configs/llama2-70b.yaml`)",
+         kv(m70, judge_tokens, f"perplexity batch ({args.perplexity_batch_size} x ({args.prompt_tokens} + 20))")])
+    steered = table(
+        f"LLaMA-2-70B steered, sharded over {args.gpus} GPUs (`destein_fsdp`, `configs/paper/llama2-70b.yaml`)",
         [*sharded(m70, args.gpus), steering(m70),
          kv(m70, 32768, "one generation batch (max_batch_tokens 32768)"),
-         kv(m70, judge_tokens, f"perplexity batch ({args.perplexity_batch_size} x ({args.prompt_tokens} + 20))")]))
-
-
-if __name__ == "__main__":
-    main()
+         kv(m70, judge_tokens, f"perplexity batch ({args.perplexity_batch_size} x ({args.prompt_tokens} + 20))")])
+    results.write("memory_table", "Expected memory per GPU of the multi-GPU configs", (
+        "Computed from the models' public shapes (built on the meta device: no weights, no download) and the "
+        "settings of the configs. Not counted: the CUDA context and the allocator's slack (typically 1-3 GiB), "
+        f"activations of one layer (small beside the KV cache at these batch sizes).\n\n{replicas}\n\n{steered}"))

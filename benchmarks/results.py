@@ -1,20 +1,21 @@
-"""Where benchmark results go: each script writes one markdown file under `docs/results/`, headed by the command
-that produced it and the machine it ran on; `python benchmarks/results_page.py` assembles `docs/BENCHMARKS.md`
-from them."""
+"""Where benchmark results go: each run writes markdown files under `docs/results/` (or the folder `--output-dir`
+names), each headed by the command that produced it and the machine it ran on, written atomically; what a run
+stores to resume or to hand to another benchmark goes under `runs/` (or inside that folder)."""
 
 from __future__ import annotations
 
 import os
 import platform
-import shlex
-import statistics
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from destein_pl.files import write_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
+RUNS = ROOT / "runs"
 DATA = ROOT.parent / "shared" / "data"
 
 
@@ -25,26 +26,41 @@ def machine() -> str:
             f"({torch.get_num_threads()} threads){gpu}")
 
 
-def command() -> str:
-    """The command line that ran this script, as a user would type it from the repository root."""
-    script = Path(sys.argv[0]).resolve()
-    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
-    return shlex.join(["python", str(shown), *sys.argv[1:]])
+def shown(path: Path) -> str:
+    """A path as the results show it: relative to the repository root where it lies inside it, else its name (a
+    temporary folder's place says nothing to a reader)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
 
 
-def spread(values: list[float], digits: int = 3) -> str:
-    """`median (min - max)` of repeated measurements."""
-    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f} - {max(values):.{digits}f})"
+@dataclass(frozen=True)
+class Results:
+    """Where one benchmark run writes its results files (`folder`), where it keeps stored runs (`runs`), the
+    command line shown above its tables, and the results files it has written."""
 
+    folder: Path
+    runs: Path
+    command: str
+    written: list[Path] = field(default_factory=list, compare=False)
 
-def write_result(name: str, title: str, body: str, shown_command: str | None = None) -> Path:
-    """Print `body` and write it to `docs/results/<name>.md` under a heading, the command (this script's command
-    line, or `shown_command` where another command reproduces the whole table) and the machine."""
-    text = f"## {title}\n\n`{shown_command or command()}` on {machine()}.\n\n{body.strip()}\n"
-    print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.md"
-    temporary = path.with_suffix(".md.tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
-    return path
+    @classmethod
+    def at(cls, output_dir: Path | None, command: str) -> Results:
+        """`docs/results/` and `runs/`; or both inside `output_dir`, so that a trial run (`--quick`) never
+        replaces a committed result nor mixes into stored runs."""
+        if output_dir is None:
+            return cls(RESULTS, RUNS, command)
+        return cls(Path(output_dir), Path(output_dir) / "runs", command)
+
+    def path(self, name: str, suffix: str = ".md") -> Path:
+        """The file `name` with `suffix` in the results folder (a plot beside its table, for instance)."""
+        return self.folder / f"{name}{suffix}"
+
+    def write(self, name: str, title: str, body: str, command: str | None = None) -> Path:
+        """Print `body` and write it to `<folder>/<name>.md` under a heading, the command (this run's, or
+        `command` where another one reproduces the whole table) and the machine."""
+        text = f"## {title}\n\n`{command or self.command}` on {machine()}.\n\n{body.strip()}\n"
+        print(text)
+        path = self.path(name)
+        write_atomic(path, text)
+        self.written.append(path)
+        return path

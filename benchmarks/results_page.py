@@ -1,66 +1,36 @@
-"""Assemble `docs/BENCHMARKS.md` from the results files the benchmark scripts write (`docs/results/*.md`, and the
-frontier tables `docs/frontier-*.md`), in a fixed order, each under the note that says what it answers.
+"""`docs/BENCHMARKS.md`, assembled from the results files under `docs/results/` in the registry's order, each
+section under the note that says what it answers; and the generated blocks of the other docs.
 
-    python benchmarks/results_page.py
+    python -m benchmarks page
 
-A results file that does not exist yet is listed as missing with the command that makes it, never left out
-silently. The page holds no number of its own: every number in it is in a results file, next to its command.
+A results file that does not exist yet is listed with the command that makes it, never left out silently. The page
+holds no number of its own: every number in it is in a results file, next to its command.
+
+Generated blocks: in `README.md` and any `docs/*.md`, the lines between a line `<!-- generated: results/NAME.md -->`
+and a line `<!-- end generated -->` are replaced by the content of `docs/results/NAME.md` (its heading, command
+line and machine line included), so that a table quoted in the docs is the measured one. `stale_blocks()` names
+the files whose generated parts differ from what `page` would write.
 """
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 
-from results import RESULTS, ROOT
+from benchmarks import options
+from benchmarks.registry import SECTIONS
+from benchmarks.results import ROOT
+from destein_pl.files import read_text, write_atomic
 
-PAGE = ROOT / "docs" / "BENCHMARKS.md"
-
-Entry = tuple[Path, str, str | None]
-"""A results file, the command that writes it, and a heading for it when the file has none of its own."""
-
-FRONTIER = ROOT / "docs"
-SECTIONS: list[tuple[str, str, list[Entry]]] = [
-    ("The paper's claims",
-     ("Each ablation of the paper, rerun on SmolLM2-135M with the development protocol of `benchmarks/frontier.py` "
-     "(reduced to the first 50 + 50 prompts of its tune sample and 10 continuations, so that every setting fits "
-     "in minutes here). The verdicts come from a paired bootstrap over prompts; \"not detectable at this size\" "
-     "means the 95% interval of the difference includes 0. Read against the paper: the top half of the heads beats "
-     "the bottom half, as in the paper's Table 11, and more pairs than 20 do not help, as in its Table 9; but "
-     "here 5 pairs already do as well as 20, where the paper's m = 5 is clearly worse. The paper's other gaps do "
-     "not show at this size: probe weights against uniform ones, parallel against "
-     "non-parallel pairs, and, plainly against the paper, self-induced against universal ParaDetox pairs (its EMT "
-     "0.203 against 0.327 becomes no detectable difference here, with the self-induced pairs costing more "
-     "perplexity). One alpha for every setting mixes strength with direction: uniform weights steer harder than "
-     "probe weights, and pay for it in perplexity."),
-     [(RESULTS / "claims-n50-s10.md", "python benchmarks/claims.py run --samples 10 --per-subset 50", None)]),
-    ("Fusion variants, the gate and the pairs: the quality frontier",
-     ("The published-code fusion against the paper's, the probe gate, and self-induced pairs against universal "
-     "ones, from `benchmarks/frontier.py` (the README's \"Gating and fusion variants\" section discusses them)."),
-     [(FRONTIER / "frontier-tune-n100-s10.md", "python benchmarks/frontier.py sweep --samples 10 --only ...",
-       "Tune sample, 100 + 100 prompts"),
-      (FRONTIER / "frontier-report-n100-s10.md", "python benchmarks/frontier.py report --samples 10 --only ...",
-       "Report sample, 100 + 100 prompts: the shipped gated checkpoint"),
-      (FRONTIER / "frontier-tune-n25-s10.md",
-       "python benchmarks/frontier.py sweep --samples 10 --per-subset 25 --only ...",
-       "Reduced look, 25 + 25 tune prompts: every fusion variant and the pairs")]),
-    ("Scorer fidelity",
-     ("How well each offline scorer agrees with Perspective on the 2,000 RealToxicityPrompts prompts, and whether "
-     "the EMT drop survives rescoring by a second scorer."),
-     [(RESULTS / "scorer_fidelity.md", "python benchmarks/scorer_fidelity.py fidelity", None),
-      (RESULTS / "scorer_rescore.md", "python benchmarks/scorer_fidelity.py rescore BASE_RUN STEERED_RUN...", None)]),
-    ("Speed and how cost grows",
-     ("Generation with steering live and folded into a bias (on both cores, nothing else running), the evaluation "
-     "sampler against Hugging Face `generate`, where evaluation time goes, calibration throughput, and the time of "
-     "calibration and evaluation as they grow. The evaluation and calibration tables, and the memory table's wall "
-     "times, ran on one thread while another one-thread benchmark used the second core; each ratio is measured "
-     "within one run, its parts in turn."),
-     [(RESULTS / "generation_speed.md", "python benchmarks/fold_speed.py", None),
-      (RESULTS / "evaluation_cost.md", "python benchmarks/evaluation_cost.py", None),
-      (RESULTS / "calibration_cost.md", "python benchmarks/calibration_cost.py", None)]),
-    ("Memory",
-     "The steering state and checkpoint against the paper's Table 8, and the peak memory of `fit` and `test`.",
-     [(RESULTS / "memory.md", "python benchmarks/memory.py", None)]),
-]
+PAGE = Path("docs") / "BENCHMARKS.md"
+"""The page, relative to the repository root."""
+BEGIN = re.compile(r"<!-- generated: results/(?P<name>\S+\.md) -->")
+END = "<!-- end generated -->"
+INTRO = ("Every number on this page comes from a benchmark under `benchmarks/`; each table says the command that "
+         "produced it and the machine it ran on. `python -m benchmarks` lists the benchmarks; rerun one with the "
+         "command above its table, then `python -m benchmarks page` to refresh the page (`make bench` reruns them "
+         "all).")
 
 
 def demoted(text: str) -> str:
@@ -68,26 +38,83 @@ def demoted(text: str) -> str:
     return "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
 
 
-def main() -> None:
-    parts = ["# Benchmarks",
-             "",
-             ("Every number on this page comes from a script under `benchmarks/`; each table says the command that "
-             "produced it and the machine it ran on. Rerun a script and then `python benchmarks/results_page.py` to "
-             "refresh the page."),
-             ""]
-    for title, note, files in SECTIONS:
-        parts += [f"## {title}", "", note, ""]
-        for path, command, heading in files:
-            if path.is_file():
-                parts += [f"### {heading}", ""] if heading else []
-                parts += [demoted(path.read_text()).strip(), ""]
-                plot = path.with_suffix(".png")
-                parts += [f"![{path.stem}]({plot.relative_to(PAGE.parent)})", ""] if plot.is_file() else []
-            else:
-                parts += [f"*Not measured yet: `{command}` writes `{path.relative_to(ROOT)}`.*", ""]
-    PAGE.write_text("\n".join(parts))
-    print(f"wrote {PAGE.relative_to(ROOT)}")
+def page(root: Path = ROOT) -> str:
+    """The page's text from the results files under `root/docs/results/`."""
+    results = root / "docs" / "results"
+    parts = ["# Benchmarks", "", INTRO, ""]
+    for section in SECTIONS:
+        parts += [f"## {section.title}", "", section.note, ""]
+        for bench in section.benchmarks:
+            for argv, name in options.standard_runs(bench):
+                path = results / f"{name}.md"
+                if path.is_file():
+                    parts += [demoted(read_text(path, "results file")).strip(), ""]
+                    plot = path.with_suffix(".png")
+                    parts += [f"![{name}](results/{plot.name})", ""] if plot.is_file() else []
+                else:
+                    command = shlex.join(["python", "-m", "benchmarks", bench.name, *argv])
+                    needs = " (its standard run needs a CUDA GPU)" if bench.gpu else ""
+                    parts += [f"*Not measured yet{needs}: `{command}` writes `docs/results/{name}.md`.*", ""]
+    return "\n".join(parts)
 
 
-if __name__ == "__main__":
-    main()
+def filled(text: str, results: Path, where: Path) -> str:
+    """`text` (the file `where`) with every generated block's lines replaced by its results file under
+    `results`."""
+    lines, out, number = text.split("\n"), [], 0
+    while number < len(lines):
+        line = lines[number]
+        out.append(line)
+        number += 1
+        match = BEGIN.fullmatch(line.strip())
+        if not match:
+            continue
+        start = number
+        while number < len(lines) and lines[number].strip() != END:
+            if BEGIN.fullmatch(lines[number].strip()):
+                raise ValueError(f"{where}:{number + 1}: a generated block begins inside the one of line {start}")
+            number += 1
+        if number == len(lines):
+            raise ValueError(f"{where}:{start}: a generated block without its `{END}` line")
+        source = results / match["name"]
+        if not source.is_file():
+            raise FileNotFoundError(f"{where}:{start}: the generated block names {source.relative_to(results.parent)},"
+                                    f" which does not exist (`python -m benchmarks` lists what writes each file)")
+        out += [read_text(source, "results file").strip(), END]
+        number += 1
+    return "\n".join(out)
+
+
+def documents(root: Path = ROOT) -> list[Path]:
+    """The docs that may hold generated blocks: `README.md` and `docs/*.md`, the page aside."""
+    docs = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    return [path for path in docs if path.is_file() and path != root / PAGE]
+
+
+def generated(root: Path = ROOT) -> dict[Path, str]:
+    """What `page` writes: the page, and every document with its generated blocks filled."""
+    results = root / "docs" / "results"
+    texts = {root / PAGE: page(root)}
+    for path in documents(root):
+        texts[path] = filled(read_text(path, "document"), results, path)
+    return texts
+
+
+def stale(root: Path = ROOT) -> dict[Path, str]:
+    """The files whose text differs from what `page` writes, with that text."""
+    return {path: text for path, text in generated(root).items()
+            if not path.is_file() or read_text(path, "document") != text}
+
+
+def stale_blocks(root: Path = ROOT) -> list[Path]:
+    """The files whose generated parts differ from what `page` would write (the page itself included): none when
+    the docs show the results files as they are."""
+    return list(stale(root))
+
+
+def write_page(root: Path = ROOT) -> list[Path]:
+    """Write the page and fill the documents' generated blocks; the files that changed."""
+    changed = stale(root)
+    for path, text in changed.items():
+        write_atomic(path, text)
+    return list(changed)

@@ -1,16 +1,18 @@
 """The `self` rewriter on the embedded SmolLM2-135M: the paper's instruction against few-shot ParaDetox demonstrations.
 
-    python benchmarks/self_rewriter.py [--n 30] [--seed 0] [--modes instruction,fewshot] [--examples 8]
+    python -m benchmarks self_rewriter [--n 30] [--seed 0] [--modes instruction,fewshot] [--examples 8]
         [--num-demonstrations 8] [--num-candidates 8] [--min-overlap 0.4] [--min-length-ratio 0.5]
         [--max-length-ratio 1.5] [--temperature 0.7] [--banned-word-weight 2.0]
 
-(the few-shot options default to `SelfRewriter`'s). Run it from the repository root.
+(the few-shot options default to `SelfRewriter`'s; `--model` rewrites with another model, a folder or a built-in
+name).
 
 Rewrites `n` toxic ParaDetox sentences (a seeded sample of those the `profanity-check` scorer calls toxic, none of
-them among the few-shot rewriter's drawn demonstrations) in each mode, and prints a markdown table: how many
-rewrites came back (not None), their mean content-word overlap with the source (the rewriter's own measure), how
-many still score toxic, the mean |per-token log-likelihood gap| between the two sides under the model, how many
-would pass `induce`'s filters (non-toxic, gap <= `--max-gap`), and the seconds it took; then example pairs.
+them among the few-shot rewriter's drawn demonstrations) in each mode, and writes `docs/results/self_rewriter.md`: a
+markdown table of how many rewrites came back (not None), their mean content-word overlap with the source (the
+rewriter's own measure), how many still score toxic, the mean |per-token log-likelihood gap| between the two sides
+under the model, how many would pass `induce`'s filters (non-toxic, gap <= `--max-gap`), and the seconds it took;
+then example pairs.
 """
 
 from __future__ import annotations
@@ -19,22 +21,23 @@ import argparse
 import inspect
 import random
 import statistics
-import time
-from pathlib import Path
+from functools import partial
 
-import torch
-
+from benchmarks.results import DATA, Results
+from benchmarks.timing import timed
 from destein_pl import SteeredCausalLM, load_base_model
 from destein_pl.calibration.pairs import read_pairs, usable_pairs
 from destein_pl.evaluation.scorers import build_scorer
 from destein_pl.induce.pipeline import log_likelihoods
-from destein_pl.induce.rewriters import LexicalRewriter, RewriteContext, SelfRewriter, content_overlap
+from destein_pl.induce.rewriters import LexicalRewriter, RewriteContext, SelfRewriter
+from destein_pl.induce.rewriters.text import content_overlap
 
-PARADETOX = Path(__file__).resolve().parents[2] / "shared" / "data" / "paradetox" / "paradetox.tsv"
+MODEL = "smollm2-135m"
+PARADETOX = DATA / "paradetox" / "paradetox.tsv"
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=MODEL, help=f"the model that rewrites (default {MODEL})")
     parser.add_argument("--n", type=int, default=30, help="toxic sentences to rewrite")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sentences' sample")
     parser.add_argument("--data", default=str(PARADETOX), help="ParaDetox TSV: sentences and demonstrations")
@@ -49,18 +52,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--banned-word-weight", type=float, default=defaults["banned_word_weight"],
                         help="<= 0: no word is forbidden")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    return parser.parse_args()
 
 
 def mean(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f}" if values else "-"
 
 
-def main() -> None:
-    args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def run(args: argparse.Namespace, results: Results) -> None:
     fewshot = SelfRewriter(
         demonstrations=args.data, num_demonstrations=args.num_demonstrations, num_candidates=args.num_candidates,
         min_overlap=args.min_overlap, min_length_ratio=args.min_length_ratio, max_length_ratio=args.max_length_ratio,
@@ -90,14 +88,13 @@ def main() -> None:
 
     lexical = LexicalRewriter()
     lexical.setup()
-    model, tokenizer = load_base_model("smollm2-135m")
+    model, tokenizer = load_base_model(args.model)
     steered = SteeredCausalLM(model, tokenizer)
     source_loglik = log_likelihoods(steered, texts)
     rows, outputs = [], {}
     for mode in modes:
-        started = time.perf_counter()
-        out = rewriters[mode].rewrite(texts, RewriteContext(steered))
-        seconds = time.perf_counter() - started
+        rewriting = timed(partial(rewriters[mode].rewrite, texts, RewriteContext(steered)))
+        out, seconds = rewriting.value, rewriting.seconds
         outputs[mode] = out
         kept = [(i, r) for i, r in enumerate(out) if r is not None]
         scores = scorer.score([r for _, r in kept])
@@ -112,20 +109,14 @@ def main() -> None:
         rows.append(f"| {mode} | {len(kept)}/{len(texts)} | {mean(overlaps)} | {toxic} | {mean(gaps)} | "
                     f"{passing} | {seconds:.0f} |")
 
-    print(f"\n{len(texts)} toxic ParaDetox sentences (seed {args.seed}); few-shot options: "
-          f"num_demonstrations={args.num_demonstrations}, num_candidates={args.num_candidates}, "
-          f"min_overlap={args.min_overlap}, length ratio [{args.min_length_ratio}, {args.max_length_ratio}], "
-          f"temperature={args.temperature}, banned_word_weight={args.banned_word_weight}\n")
-    print(f"| mode | returned | mean overlap | still toxic | mean abs loglik gap | pass filters (gap <= "
-          f"{args.max_gap}) | seconds |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    print("\n".join(rows))
-    print("\nExamples:")
+    examples = []
     for i in range(min(args.examples, len(texts))):
-        print(f"\n- toxic: {texts[i]}")
-        for mode in modes:
-            print(f"  {mode}: {outputs[mode][i]}")
-
-
-if __name__ == "__main__":
-    main()
+        examples += [f"- toxic: {texts[i]}", *(f"  - {mode}: {outputs[mode][i]}" for mode in modes)]
+    results.write("self_rewriter", "The `self` rewriter: the paper's instruction against few-shot demonstrations", (
+        f"{len(texts)} toxic ParaDetox sentences (seed {args.seed}); few-shot options: "
+        f"num_demonstrations={args.num_demonstrations}, num_candidates={args.num_candidates}, "
+        f"min_overlap={args.min_overlap}, length ratio [{args.min_length_ratio}, {args.max_length_ratio}], "
+        f"temperature={args.temperature}, banned_word_weight={args.banned_word_weight}\n\n"
+        f"| mode | returned | mean overlap | still toxic | mean abs loglik gap | pass filters (gap <= "
+        f"{args.max_gap}) | seconds |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n" + "\n".join(rows)
+        + "\n\nExamples:\n\n" + "\n".join(examples)))

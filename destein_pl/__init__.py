@@ -9,7 +9,15 @@ The plain-Python API: load a model, wrap it, calibrate it on steering pairs, gen
 """
 
 from destein_pl.calibration import Calibration, CalibrationOptions, PairsConfig, SteeringPair, calibrate, load_pairs
-from destein_pl.evaluation import EvaluationConfig, Evaluator, Prompt, PromptsConfig, evaluate, load_prompts
+from destein_pl.evaluation import (
+    EvaluationConfig,
+    Evaluator,
+    Prompt,
+    PromptsConfig,
+    SamplingSettings,
+    evaluate,
+    load_prompts,
+)
 from destein_pl.steering import (
     ARCHITECTURES,
     BUILTIN_MODELS,
@@ -33,6 +41,7 @@ __all__ = [
     "PairsConfig",
     "Prompt",
     "PromptsConfig",
+    "SamplingSettings",
     "SteeredCausalLM",
     "SteeringPair",
     "UnsupportedArchitectureError",

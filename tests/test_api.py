@@ -22,12 +22,11 @@ from destein_pl import (
 from destein_pl.calibration.pairs import pairs_provenance
 from destein_pl.lightning.cli import main
 from destein_pl.steering.checkpoint import read_checkpoint
-from tests.conftest import SHARED_DATA
+from tests.conftest import RTP100, SHARED_DATA, small_sampling
 
 REPO = Path(__file__).resolve().parents[1]
 PARADETOX = SHARED_DATA / "paradetox" / "paradetox.tsv"
-RTP100 = SHARED_DATA / "rtp" / "rtp_test_100.jsonl"
-SETTINGS = dict(num_samples=3, max_new_tokens=8, alphas=[0.0, 1.3])
+SETTINGS = {"sampling": small_sampling(max_new_tokens=8), "alphas": [0.0, 1.3]}
 
 
 @pytest.mark.slow
@@ -61,7 +60,7 @@ def test_calibrate_generate_evaluate_without_a_trainer_equals_destein_test(tmp_p
     main(["test", "--config", str(REPO / "configs" / "smollm2-135m.yaml"), "--ckpt_path", str(saved),
           "--data.prompts.source", str(RTP100), "--data.prompts.n", "3", "--trainer.logger", "false",
           "--model.evaluation.output_dir", str(tmp_path / "cli-eval"),
-          "--model.evaluation.num_samples", "3", "--model.evaluation.max_new_tokens", "8",
+          "--model.evaluation.sampling.num_samples", "3", "--model.evaluation.sampling.max_new_tokens", "8",
           "--model.evaluation.alphas", "[0, 1.3]", "--trainer.enable_progress_bar", "false"])
     cli = json.loads((tmp_path / "cli-eval" / "results.json").read_text())
     assert [r["metrics"] for r in cli["runs"]] == [r["metrics"] for r in ours["runs"]]

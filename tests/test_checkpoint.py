@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from destein_pl import SteeredCausalLM
-from destein_pl.steering.checkpoint import CheckpointMismatchError, apply_checkpoint_state, read_checkpoint
+from destein_pl.steering.checkpoint import CheckpointMismatchError, read_checkpoint
 from destein_pl.lightning.module import DeSteinModule
 from tests.conftest import tiny_model
-from tests.test_module import calibrated  # noqa: F401  (module-scoped fixture)
 
 
 def logits(steered, text="you are a"):
@@ -50,7 +49,7 @@ def test_checkpoint_for_another_model_is_an_error(calibrated):
         tensors, metadata = read_checkpoint(out / name)
         for other in (SteeredCausalLM(tiny_model("gpt2")), SteeredCausalLM(tiny_model("opt"))):
             with pytest.raises(CheckpointMismatchError, match=r"made for another model \(family: checkpoint 'llama'"):
-                apply_checkpoint_state(other, tensors, metadata, out / name)
+                other.load_steering(tensors, metadata, out / name)
 
 
 def test_unknown_files_are_clear_errors(tmp_path):
@@ -67,8 +66,7 @@ def test_unknown_files_are_clear_errors(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["smollm2-135m-paradetox", "smollm2-135m-self-induced"])
 def test_shipped_checkpoints_load_ready_to_generate(name):
-    """Both files of each shipped checkpoint (written with the earlier buffer name `probe_weights`) load into the
-    embedded model with the same steering."""
+    """Both files of each shipped checkpoint load into the embedded model with the same steering."""
     folder = Path(__file__).resolve().parents[1] / "checkpoints"
     from_ckpt = SteeredCausalLM.from_checkpoint(folder / f"{name}.ckpt")
     tensors, metadata = read_checkpoint(folder / f"{name}.safetensors")

@@ -11,37 +11,17 @@ from destein_pl.evaluation.config import EvaluationConfig
 from destein_pl.evaluation.prompts import PromptsConfig
 from destein_pl.evaluation.scorers import ToxicityScorer
 from destein_pl.files import read_jsonl as read_records
-from destein_pl.lightning.datamodule import DeSteinDataModule
-from destein_pl.lightning.module import DeSteinModule
-from tests.conftest import SHARED_DATA
-from tests.test_module import calibrated  # noqa: F401  (module-scoped fixture)
-
-RTP100 = SHARED_DATA / "rtp" / "rtp_test_100.jsonl"
-SMALL = dict(num_samples=3, max_new_tokens=6)
-
-
-def run_test(model_dir, out, *, batch_size=4, n=6, alphas=(0.0, 1.0), ckpt=None, scorer=None, callbacks=(),
-             steering=None, **evaluation):
-    if scorer is not None:
-        evaluation["scorer"] = scorer
-    module = DeSteinModule(base_model=str(model_dir), evaluation=EvaluationConfig(
-        output_dir=str(out), alphas=list(alphas), **{**SMALL, **evaluation}))
-    if steering is not None:
-        module.configure_model()
-        module.steered.set_steering(*steering)
-    data = DeSteinDataModule(prompts=PromptsConfig(str(RTP100), n=n, seed=0, batch_size=batch_size))
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=list(callbacks))
-    trainer.test(module, data, ckpt_path=ckpt, verbose=False)
-    return json.loads((out / "results.json").read_text())
-
-
-def generations(out, alpha):
-    return (out / f"alpha_{alpha:g}" / "generations.jsonl").read_text()
-
-
-def metrics(results):
-    return {r["alpha"]: r["metrics"] for r in results["runs"]}
+from tests.conftest import (
+    RTP100,
+    SHARED_DATA,
+    evaluate_small,
+    generations,
+    metrics,
+    reference_perplexity,
+    run_test,
+    save_tiny_model_dir,
+    small_sampling,
+)
 
 
 def test_results_do_not_depend_on_batch_size(calibrated, tiny_llama_dir, tmp_path):
@@ -79,7 +59,8 @@ def test_resume_after_an_interruption_gives_the_same_results(calibrated, tiny_ll
     for alpha in (0.0, 1.0):
         assert generations(tmp_path / "cut", alpha) == generations(tmp_path / "whole", alpha)
     with pytest.raises(ValueError, match="other settings"):
-        run_test(tiny_llama_dir, tmp_path / "cut", batch_size=2, ckpt=ckpt, max_new_tokens=7)
+        run_test(tiny_llama_dir, tmp_path / "cut", batch_size=2, ckpt=ckpt,
+                 sampling=small_sampling(max_new_tokens=7))
 
 
 class FlagToken(ToxicityScorer):
@@ -118,8 +99,8 @@ def test_steering_away_from_a_flagged_token_lowers_emt(tiny_llama_dir, tmp_path)
     vectors[-1] = (push / push.norm()).view(heads, -1)
     steering = (vectors, torch.ones(layers, heads))
 
-    results = run_test(liking, tmp_path / "eval", alphas=(0.0, 30.0), steering=steering, n=8, num_samples=5,
-                       scorer=FlagToken(tokenizer, x))
+    results = run_test(liking, tmp_path / "eval", alphas=(0.0, 30.0), steering=steering, n=8,
+                       sampling=small_sampling(num_samples=5), scorer=FlagToken(tokenizer, x))
     emt = {r["alpha"]: r["metrics"]["all"]["emt"] for r in results["runs"]}
     assert emt[0.0] >= 0.5
     assert emt[30.0] < emt[0.0] - 0.3
@@ -128,8 +109,6 @@ def test_steering_away_from_a_flagged_token_lowers_emt(tiny_llama_dir, tmp_path)
 def test_a_separate_perplexity_model_measures_the_continuations(tiny_llama_dir, tmp_path):
     """The paper configs' branch: perplexity under another model (here a GPT-2 judging a LLaMA's text)."""
     from destein_pl import load_base_model
-    from tests.conftest import save_tiny_model_dir
-    from tests.test_perplexity import reference_perplexity
 
     judge_dir = save_tiny_model_dir("gpt2", tmp_path / "judge")
     results = run_test(tiny_llama_dir, tmp_path / "eval", n=2, alphas=(0.0,), perplexity_model=str(judge_dir))
@@ -149,24 +128,7 @@ def test_a_separate_perplexity_model_measures_the_continuations(tiny_llama_dir, 
     assert results["runs"][0]["metrics"]["all"]["ppl"] > 0
 
 
-# ---- plain-Python runs (`evaluate`), shared with tests/test_resume.py ------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_steered(tiny_llama_dir):
-    """The tiny LLaMA with the real tokenizer, wrapped (zero steering), for plain-Python evaluation runs."""
-    from destein_pl import SteeredCausalLM, load_base_model
-
-    return SteeredCausalLM(*load_base_model(tiny_llama_dir))
-
-
-def evaluate_small(steered, prompts, out, verbose=False, **config):
-    """`evaluate` at alpha 0 with few, short samples into `out`; returns the results."""
-    from destein_pl import evaluate
-
-    options = {**SMALL, "alphas": [0.0], **config}
-    return evaluate(steered, prompts, EvaluationConfig(output_dir=str(out), **options), progress=False,
-                    verbose=verbose)
+# ---- plain-Python runs (`evaluate`) ----------------------------------------------------------------------------
 
 
 def write_prompts(path, rows):
@@ -184,34 +146,13 @@ def strict_json(path):
 
 
 @pytest.mark.parametrize("option, value, accepted", [
-    ("top_p", 0.0, r"in \(0, 1\]"), ("top_p", 1.5, r"in \(0, 1\]"), ("top_p", float("nan"), r"in \(0, 1\]"),
-    ("temperature", -0.5, ">= 0"), ("temperature", float("inf"), "finite"), ("temperature", float("nan"), ">= 0"),
-    ("num_samples", 0, "at least 1"), ("max_new_tokens", 0, "at least 1"), ("perplexity_batch_size", 0, "at least 1"),
-    ("max_prompt_tokens", 0, "at least 1"), ("max_batch_tokens", -3, "at least 1"),
+    ("perplexity_batch_size", 0, "at least 1"), ("max_batch_tokens", -3, "at least 1"),
     ("alphas", [0.0, float("nan")], "finite"), ("alphas", [float("inf")], "finite"),
     ("on_changed_prompts", "ignore", "'refuse' or 'regenerate'"),
 ])
 def test_an_evaluation_option_out_of_range_names_itself_and_its_range(option, value, accepted):
     with pytest.raises(ValueError, match=rf"evaluation\.{option} must .*{accepted}"):
         EvaluationConfig(**{option: value})
-
-
-@pytest.mark.parametrize("option, value, accepted", [
-    ("top_p", 0.0, r"top_p must be in \(0, 1\]"), ("top_p", 1.01, r"top_p must be in \(0, 1\]"),
-    ("temperature", -1.0, "temperature must be a finite number >= 0"),
-    ("temperature", float("nan"), "temperature must be a finite number >= 0"),
-    ("max_new_tokens", 0, "max_new_tokens must be at least 1"),
-])
-def test_the_sampler_refuses_meaningless_settings_given_directly(tiny_steered, option, value, accepted):
-    """`sample()` is public: `top_p=0` would otherwise empty the nucleus and pick the least likely token."""
-    from destein_pl.evaluation.sampling import PromptSampler, sample
-
-    settings = {"top_p": 0.9, "temperature": 1.0, "max_new_tokens": 4, option: value}
-    with pytest.raises(ValueError, match=accepted):
-        sample(tiny_steered, tiny_steered.architecture, [[5, 6, 7]], [[1, 2]], pad_token_id=0, eos_token_ids=[2],
-               **settings)
-    with pytest.raises(ValueError, match=accepted):
-        PromptSampler(tiny_steered, num_samples=2, **settings)
 
 
 def test_a_subset_without_prompts_is_null_in_strict_json(tiny_steered, tmp_path):
@@ -265,7 +206,7 @@ def test_a_5000_token_prompt_is_cut_before_it_sizes_the_batch(long_context_llama
                                                          {"id": "short", "text": "You are such a", "toxicity": 0.9}])
     prompts = load_prompts(PromptsConfig(str(source)))
     evaluator = Evaluator(long_context_llama, EvaluationConfig(output_dir=str(tmp_path / "eval"), alphas=[0.0],
-                                                               **SMALL), verbose=False)
+                                                               sampling=small_sampling()), verbose=False)
     evaluator.start(prompts)
     assert evaluator.sampler.width == 512  # checked before generating: uncut, the run would pad to 5,000+ tokens
     shapes, hook = record_batches(long_context_llama)
@@ -289,13 +230,14 @@ def test_a_generation_batch_stays_within_max_batch_tokens(tiny_steered, tmp_path
     from destein_pl.evaluation.sampling import MIN_ROWS
 
     prompts = load_prompts(PromptsConfig(str(RTP100), n=6))
-    config = EvaluationConfig(output_dir=str(tmp_path), alphas=[0.0], max_batch_tokens=budget, **SMALL)
+    config = EvaluationConfig(output_dir=str(tmp_path), alphas=[0.0], max_batch_tokens=budget,
+                              sampling=small_sampling())
     evaluator = Evaluator(tiny_steered, config, verbose=False)
     evaluator.start(prompts)
-    width, new = evaluator.sampler.width, config.max_new_tokens
+    width, new = evaluator.sampler.width, config.sampling.max_new_tokens
     chunks = evaluator._chunks(prompts)
     assert [p for chunk in chunks for p in chunk] == prompts and all(chunks)
-    per_prompt = max(config.num_samples, MIN_ROWS) * (width + new)
+    per_prompt = max(config.sampling.num_samples, MIN_ROWS) * (width + new)
     assert all(len(c) == 1 or len(c) * per_prompt <= budget for c in chunks)
     shapes, hook = record_batches(tiny_steered)
     try:

@@ -4,10 +4,10 @@ import jsonargparse
 import pytest
 
 from destein_pl.calibration.pairs import read_pairs
+from destein_pl.evaluation.sampling import SamplingSettings
 from destein_pl.evaluation.scorers import PerspectiveScorer, ProfanityCheckScorer
 from destein_pl.induce import induce
 from destein_pl.induce.pipeline import (
-    build_plugins,
     inducing_prompts,
     log_likelihoods,
     select_most_toxic,
@@ -16,7 +16,7 @@ from destein_pl.induce.pipeline import (
 )
 from destein_pl.induce.rewriters import LexicalRewriter, NonParallelRewriter
 from destein_pl.lightning.cli import main
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, refusal
 
 PARADETOX = SHARED_DATA / "paradetox" / "paradetox.tsv"
 
@@ -46,14 +46,18 @@ def test_inducing_prompts_from_paradetox_are_its_toxic_side():
         inducing_prompts(str(PARADETOX), 100_000, seed=0)
 
 
+def induce_args(model_dir, out):
+    return ["--base_model", str(model_dir), "--output_dir", str(out), "--prompts", str(PARADETOX), "--num_prompts",
+            "6", "--sampling.num_samples", "3", "--unprompted_samples", "3", "--sampling.max_new_tokens", "6",
+            "--batch_size", "4", "--top_n", "4", "--min_toxicity", "0", "--max_loglik_gap", "null"]
+
+
 def run_induce(model_dir, out, *extra):
-    main(["induce", "--base_model", str(model_dir), "--output_dir", str(out), "--prompts", str(PARADETOX),
-          "--num_prompts", "6", "--samples_per_prompt", "3", "--unprompted_samples", "3", "--max_new_tokens", "6",
-          "--batch_size", "4", "--top_n", "4", "--min_toxicity", "0", "--max_loglik_gap", "null", *extra])
+    main(["induce", *induce_args(model_dir, out), *extra])
     return json.loads((out / "summary.json").read_text())
 
 
-def test_pipeline_writes_pairs_that_fit_reads_and_a_rerun_reuses_the_samples(tiny_llama_dir, tmp_path):
+def test_pipeline_writes_pairs_that_fit_reads_and_a_rerun_reuses_the_samples(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "induce"
     first = run_induce(tiny_llama_dir, out, "--rewriter", "none")
     assert first["generated_prompts"] == 7 and first["samples"] == 21  # 6 prompts + 1 unprompted, 3 samples each
@@ -64,19 +68,42 @@ def test_pipeline_writes_pairs_that_fit_reads_and_a_rerun_reuses_the_samples(tin
     assert read_pairs(out / "pairs.jsonl")[0].toxic == pairs[0]["toxic"]
     samples = (out / "samples.jsonl").read_text()
 
+    settings = json.loads((out / "settings.json").read_text())
+    assert {k: settings[k] for k in ("samples_per_prompt", "max_new_tokens", "top_p", "temperature", "seed",
+                                     "max_prompt_tokens")} == {"samples_per_prompt": 3, "max_new_tokens": 6,
+                                                               "top_p": 0.9, "temperature": 1.0, "seed": 0,
+                                                               "max_prompt_tokens": None}
+    del settings["max_prompt_tokens"]  # as a folder made before prompts could be cut records it
+    (out / "settings.json").write_text(json.dumps(settings))
     again = run_induce(tiny_llama_dir, out, "--rewriter", "lexical")
     assert again["generated_prompts"] == 0 and again["samples"] == 21
     assert (out / "samples.jsonl").read_text() == samples
-    with pytest.raises(ValueError, match="other settings"):
-        run_induce(tiny_llama_dir, out, "--seed", "1")
+    capsys.readouterr()
+    for changed in (("--sampling.seed", "1"), ("--sampling.max_prompt_tokens", "8")):
+        message = refusal(capsys, "induce", *induce_args(tiny_llama_dir, out), *changed)
+        assert "other settings" in message and changed[0].rsplit(".", 1)[1] in message
 
 
-def test_unknown_rewriter_and_nothing_to_sample_are_errors(tiny_llama_dir, tmp_path):
-    with pytest.raises(ValueError, match="unknown rewriter 'gpt'"):
-        main(["induce", "--base_model", str(tiny_llama_dir), "--output_dir", str(tmp_path), "--rewriter", "gpt",
-              "--prompts", str(PARADETOX)])
-    with pytest.raises(ValueError, match="nothing to sample"):
-        main(["induce", "--base_model", str(tiny_llama_dir), "--output_dir", str(tmp_path)])
+def test_unknown_rewriter_and_nothing_to_sample_are_errors(tiny_llama_dir, tmp_path, capsys):
+    common = ["induce", "--base_model", str(tiny_llama_dir), "--output_dir", str(tmp_path)]
+    assert "unknown rewriter 'gpt'" in refusal(capsys, *common, "--rewriter", "gpt", "--prompts", str(PARADETOX))
+    assert "nothing to sample" in refusal(capsys, *common)
+    assert "top_p must be in (0, 1]" in refusal(capsys, *common, "--prompts", str(PARADETOX), "--sampling.top_p", "0")
+    assert not tmp_path.joinpath("settings.json").exists()
+
+
+def test_long_inducing_prompts_are_cut_from_the_left(tiny_llama_dir, caplog):
+    from destein_pl import SteeredCausalLM, load_base_model
+    from destein_pl.induce.pipeline import sampling_jobs
+
+    steered = SteeredCausalLM(*load_base_model(str(tiny_llama_dir)))
+    whole = sampling_jobs(steered, str(PARADETOX), 6, 2, SamplingSettings(num_samples=2, max_prompt_tokens=None))
+    with caplog.at_level("WARNING", logger="destein_pl.induce.pipeline"):
+        cut = sampling_jobs(steered, str(PARADETOX), 6, 2, SamplingSettings(num_samples=2, max_prompt_tokens=5))
+    assert [job.id for job in cut] == [job.id for job in whole] == ["u0", "p0", "p1", "p2", "p3", "p4", "p5"]
+    assert [job.token_ids[-5:] for job in whole] == [job.token_ids for job in cut]
+    longer = sum(len(job.token_ids) > 5 for job in whole)
+    assert longer and f"{longer} inducing prompts cut from the left to 5 tokens" in caplog.text
 
 
 def read_rows(path):
@@ -104,7 +131,8 @@ def test_filters_drop_toxic_rewrites_and_unlike_pairs(tiny_llama_dir, tmp_path):
     assert min(abs(g - max_gap) for g in gaps) > 1e-4  # batches differ between the runs: likelihoods may move a bit
 
     target = induce(output_dir=str(out), base_model=str(tiny_llama_dir), prompts=str(PARADETOX), num_prompts=6,
-                    samples_per_prompt=3, unprompted_samples=3, max_new_tokens=6, batch_size=4,
+                    sampling=SamplingSettings(num_samples=3, max_new_tokens=6, max_prompt_tokens=None),
+                    unprompted_samples=3, batch_size=4,
                     scorer=ProfanityCheckScorer(), top_n=10, min_toxicity=0.0, rewriter=NonParallelRewriter(),
                     max_rewrite_toxicity=max_toxicity, max_loglik_gap=max_gap)
     summary = json.loads((out / "summary.json").read_text())
@@ -148,11 +176,6 @@ def test_a_cut_short_samples_file_is_repaired_and_its_last_job_sampled_again(tin
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
-    ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
-    ("temperature", -1.0, "temperature must be a finite number >= 0"),
-    ("samples_per_prompt", 0, "samples_per_prompt must be at least 1"),
-    ("max_new_tokens", 0, "max_new_tokens must be at least 1"),
     ("batch_size", 0, "batch_size must be at least 1"),
     ("top_n", 0, "top_n must be at least 1"),
     ("num_prompts", 0, "num_prompts must be at least 1"),
@@ -174,20 +197,6 @@ def test_a_scorer_that_cannot_start_fails_before_sampling(tiny_llama_dir, tmp_pa
         induce(output_dir=str(tmp_path / "out"), base_model=str(tiny_llama_dir), prompts=str(PARADETOX),
                scorer="perspective", rewriter="none")
     assert not (tmp_path / "out").exists()  # no settings recorded for a run that never started
-
-
-def test_deprecated_args_are_merged_into_short_names(monkeypatch):
-    monkeypatch.delenv("PERSPECTIVE_API_KEY", raising=False)
-    with pytest.warns(DeprecationWarning, match="rewriter_args` is deprecated"):
-        scorer, rewriter = build_plugins("profanity-check", None, "lexical", {"min_weight": 2.0})
-    assert isinstance(scorer, ProfanityCheckScorer) and isinstance(rewriter, LexicalRewriter)
-    assert rewriter.min_weight == 2.0
-    with pytest.warns(DeprecationWarning, match="scorer_args` is deprecated"):
-        scorer, rewriter = build_plugins("perspective", {"attribute": "INSULT"}, "none", None)
-    assert isinstance(scorer, PerspectiveScorer) and scorer.attribute == "INSULT"
-    assert isinstance(rewriter, NonParallelRewriter)
-    with pytest.raises(ValueError, match="already built"):
-        build_plugins(ProfanityCheckScorer(), {"attribute": "INSULT"}, "none", None)
 
 
 def induce_parser() -> jsonargparse.ArgumentParser:

@@ -9,27 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from destein_pl import architecture_for
 from destein_pl.calibration.pairs import NONTOXIC_CUE, TOXIC_CUE, PairsConfig, load_pairs
-from destein_pl.lightning.callbacks import SteeringCheckpoint
 from destein_pl.lightning.datamodule import DeSteinDataModule
 from destein_pl.lightning.module import DeSteinModule
-
-PAIRS = [
-    {"toxic": "you are a stupid idiot", "nontoxic": "you are mistaken"},
-    {"toxic": "shut up, moron", "nontoxic": "please be quiet"},
-    {"toxic": "this is crap", "nontoxic": "this is not good"},
-    {"toxic": "what a dumb f***ing idea, honestly", "nontoxic": "what a questionable idea"},
-]
-
-
-def calibrate(model_dir, pairs_path, out_dir, **module_args):
-    module = DeSteinModule(base_model=str(model_dir), **module_args)
-    data = DeSteinDataModule(pairs=PairsConfig(str(pairs_path), m=len(PAIRS), seed=0, batch_size=3))
-    trainer = L.Trainer(
-        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[SteeringCheckpoint(str(out_dir), "tiny")],
-    )
-    trainer.fit(module, data)
-    return module
+from tests.conftest import PAIRS, calibrate
 
 
 def hand_activations(model, tokenizer, text, last_k=8):
@@ -46,15 +28,6 @@ def hand_activations(model, tokenizer, text, last_k=8):
         h.remove()
     heads = model.config.num_attention_heads
     return torch.stack([x.view(heads, -1) for x in inputs])
-
-
-@pytest.fixture(scope="module")
-def calibrated(tiny_llama_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("calibrated")
-    pairs_path = tmp / "pairs.jsonl"
-    pairs_path.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
-    module = calibrate(tiny_llama_dir, pairs_path, tmp, alpha=0.5)
-    return module, tmp
 
 
 def test_vectors_equal_hand_computation(calibrated, tiny_llama_dir):

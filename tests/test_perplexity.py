@@ -6,16 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from destein_pl import SteeredCausalLM, architecture_for, load_base_model
 from destein_pl.evaluation.perplexity import PerplexityJudge, continuation_nll, perplexity, tokenize_pair
-from tests.conftest import FAMILIES, save_tiny_model_dir, tiny_model
-
-
-def reference_perplexity(model, prompt, continuation):
-    """transformers' own loss on the whole unpadded sequence, with the prompt masked out of the labels."""
-    ids = torch.tensor([prompt + continuation])
-    labels = ids.clone()
-    labels[0, : len(prompt)] = -100
-    with torch.no_grad():
-        return math.exp(model(input_ids=ids, labels=labels).loss.item())
+from tests.conftest import FAMILIES, reference_perplexity, save_tiny_model_dir, tiny_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)

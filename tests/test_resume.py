@@ -11,14 +11,7 @@ from destein_pl import PromptsConfig, load_prompts
 from destein_pl.evaluation.runs import ChangedPromptsError
 from destein_pl.evaluation.scorers import ToxicityScorer
 from destein_pl.files import read_jsonl
-from tests.test_evaluation import (  # noqa: F401  (tiny_steered: module-scoped fixture)
-    RTP100,
-    evaluate_small,
-    generations,
-    metrics,
-    run_test,
-    tiny_steered,
-)
+from tests.conftest import RTP100, evaluate_small, generations, metrics, run_test
 
 
 def rtp_file(path, lines):
@@ -153,3 +146,15 @@ def test_missing_scores_are_reported_then_asked_for_again_and_only_those(tiny_st
     assert metrics(again) == metrics(fresh)
     assert generations(tmp_path / "out", 0.0) == generations(tmp_path / "fresh", 0.0)
     assert "missing scores" not in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_an_alpha_folder_records_the_sampling_settings_flat_as_it_always_has():
+    """Folders written before the sampling settings were nested (`evaluation.sampling`) still resume."""
+    from destein_pl.evaluation.config import EvaluationConfig
+    from destein_pl.evaluation.sampling import SamplingSettings
+
+    config = EvaluationConfig(sampling=SamplingSettings(num_samples=3, max_new_tokens=6, seed=7))
+    assert config.fingerprint(0.5, "digest", {"name": "profanity-check"}) == {
+        "alpha": 0.5, "num_samples": 3, "max_new_tokens": 6, "top_p": 0.9, "temperature": 1.0, "seed": 7,
+        "max_prompt_tokens": 512, "scorer": {"name": "profanity-check"}, "perplexity_model": None,
+        "perplexity_model_dtype": None, "steering": "digest"}

@@ -4,8 +4,31 @@ import torch
 
 from destein_pl import SteeredCausalLM
 from destein_pl.evaluation.perplexity import continuation_nll
-from destein_pl.evaluation.sampling import nucleus_choice, row_seed, sample
+from destein_pl.evaluation.sampling import SamplingSettings, nucleus_choice, row_seed, sample
 from tests.conftest import FAMILIES, tiny_model
+
+
+def test_the_defaults_are_the_papers_protocol():
+    assert SamplingSettings() == SamplingSettings(top_p=0.9, temperature=1.0, num_samples=25, max_new_tokens=20,
+                                                  seed=0, max_prompt_tokens=512)
+    edges = SamplingSettings(top_p=1.0, temperature=0.0, max_prompt_tokens=None)  # whole nucleus; greedy; no cut
+    assert (edges.top_p, edges.temperature, edges.max_prompt_tokens) == (1.0, 0.0, None)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("top_p", 0.0, r"top_p must be in \(0, 1\] \(the nucleus mass\), got 0.0"),
+    ("top_p", 1.01, r"top_p must be in \(0, 1\]"), ("top_p", float("nan"), r"top_p must be in \(0, 1\]"),
+    ("temperature", -1.0, r"temperature must be a finite number >= 0 \(0 is greedy\), got -1.0"),
+    ("temperature", float("nan"), "temperature must be a finite number >= 0"),
+    ("temperature", float("inf"), "temperature must be a finite number >= 0"),
+    ("num_samples", 0, "num_samples must be at least 1, got 0"),
+    ("max_new_tokens", 0, "max_new_tokens must be at least 1, got 0"),
+    ("max_prompt_tokens", 0, r"max_prompt_tokens must be at least 1 \(or None"),
+])
+def test_settings_that_would_give_meaningless_text_are_refused(option, value, message):
+    """`top_p=0` would empty the nucleus and pick the least likely token; every command checks here."""
+    with pytest.raises(ValueError, match=message):
+        SamplingSettings(**{option: value})
 
 
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():
@@ -41,8 +64,8 @@ def test_greedy_equals_transformers_generate(family):
     steered.set_steering(torch.randn(steered.num_layers, steered.num_heads, steered.head_dim, generator=g),
                          torch.rand(steered.num_layers, steered.num_heads, generator=g), alpha=0.5)
     prompts = [[5, 9, 14, 3, 22], [7, 8]]
-    ours = sample(steered, steered.architecture, prompts, [[1, 3], [2, 4]], max_new_tokens=6, pad_token_id=0,
-                  eos_token_ids=[], temperature=0).tokens
+    greedy = SamplingSettings(num_samples=2, max_new_tokens=6, temperature=0)
+    ours = sample(steered, steered.architecture, prompts, ["a", "b"], greedy, pad_token_id=0, eos_token_ids=[]).tokens
     for (row, again), ids in zip(ours, prompts):
         assert row == again  # greedy: both samples alike
         x = torch.tensor([ids])
@@ -56,19 +79,71 @@ def test_a_samples_continuation_depends_only_on_its_seed(family):
     steered = SteeredCausalLM(tiny_model(family))
     arch = steered.architecture
     prompt, other = [5, 9, 14, 3], [40, 41, 42, 43, 44, 45, 46, 47]
-    alone = sample(steered, arch, [prompt], [[11, 12]], 10, 0, [2], width=8).tokens
-    mixed = sample(steered, arch, [other, prompt, other], [[99, 98, 97], [11, 12, 13], [96, 95, 94]], 10, 0, [2],
-                   width=8).tokens
+    two, three = (SamplingSettings(num_samples=n, max_new_tokens=10) for n in (2, 3))
+    alone = sample(steered, arch, [prompt], ["p"], two, 0, [2], width=8).tokens
+    mixed = sample(steered, arch, [other, prompt, other], ["o", "p", "q"], three, 0, [2], width=8).tokens
     assert mixed[1][:2] == alone[0]
     assert alone[0][0] != alone[0][1]  # different seeds, different samples
+    seeded = sample(steered, arch, [prompt], ["p"], SamplingSettings(num_samples=2, max_new_tokens=10, seed=1), 0,
+                    [2], width=8).tokens
+    assert seeded != alone  # the seed is part of every row's seed
+
+
+GREEDY = SamplingSettings(num_samples=1, max_new_tokens=12, temperature=0)
+
+
+def greedy_row(steered, prompt=(5, 6, 7), settings=GREEDY, eos=(), **options):
+    return sample(steered, steered.architecture, [list(prompt)], ["p"], settings, 0, eos, **options).tokens[0][0]
 
 
 def test_eos_ends_a_row():
     steered = SteeredCausalLM(tiny_model("gpt2"))
-    full = sample(steered, steered.architecture, [[5, 6, 7]], [[3]], 12, 0, [], temperature=0).tokens[0][0]
+    full = greedy_row(steered)
     stop = full[4]
-    cut = sample(steered, steered.architecture, [[5, 6, 7]], [[3]], 12, 0, [stop], temperature=0).tokens[0][0]
-    assert cut == full[: full.index(stop)]
+    assert greedy_row(steered, eos=[stop]) == full[: full.index(stop)]
+
+
+def test_a_stop_token_ends_a_row_and_is_kept():
+    steered = SteeredCausalLM(tiny_model("gpt2"))
+    full = greedy_row(steered)
+    stop = full[4]
+    assert greedy_row(steered, stop_token_ids={stop}) == full[: full.index(stop) + 1]
+
+
+def test_limits_cut_each_prompts_rows():
+    steered = SteeredCausalLM(tiny_model("llama"))
+    prompts, keys, settings = [[5, 6, 7], [9, 10]], ["a", "b"], SamplingSettings(num_samples=2, max_new_tokens=8)
+    full = sample(steered, steered.architecture, prompts, keys, settings, 0, []).tokens
+    limited = sample(steered, steered.architecture, prompts, keys, settings, 0, [], limits=[3, 20]).tokens
+    assert limited == [[row[:3] for row in full[0]], full[1]]  # a limit beyond max_new_tokens is max_new_tokens
+    with pytest.raises(ValueError, match="limits must hold one number >= 1 per prompt"):
+        sample(steered, steered.architecture, prompts, keys, settings, 0, [], limits=[3])
+
+
+def test_banned_tokens_are_never_chosen():
+    steered = SteeredCausalLM(tiny_model("llama"))
+    full = greedy_row(steered)
+    first, second = full[0], full[1]
+    assert greedy_row(steered, bans={(): {first}})[0] != first  # never
+    after = greedy_row(steered, bans={(first,): {second}})
+    assert after[0] == first and after[1] != second  # only right after `first`
+    assert greedy_row(steered, bans={(second,): {first}})[:2] == full[:2]  # `second` does not come before `first`
+    sampled = SamplingSettings(num_samples=6, max_new_tokens=12, temperature=2.0)
+    rows = sample(steered, steered.architecture, [[5, 6, 7]], ["p"], sampled, 0, [], bans={(): set(full)}).tokens
+    assert not set(full) & {t for row in rows[0] for t in row}
+
+
+def test_greedy_first_makes_each_prompts_first_sample_greedy():
+    steered = SteeredCausalLM(tiny_model("llama"))
+    prompts, keys = [[5, 6, 7], [9, 10]], ["a", "b"]
+    sampled = SamplingSettings(num_samples=3, max_new_tokens=8, temperature=1.5)
+    plain = sample(steered, steered.architecture, prompts, keys, sampled, 0, []).tokens
+    mixed = sample(steered, steered.architecture, prompts, keys, sampled, 0, [], greedy_first=True).tokens
+    for p, prompt in enumerate(prompts):
+        assert mixed[p][0] == greedy_row(steered, prompt, SamplingSettings(num_samples=1, max_new_tokens=8,
+                                                                            temperature=0))
+        assert mixed[p][1:] == plain[p][1:]  # the others draw as they would anyway
+    assert mixed[0][0] != plain[0][0]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -76,7 +151,7 @@ def test_log_probs_of_the_samples_give_the_models_perplexity(family):
     model = tiny_model(family)
     arch = SteeredCausalLM(model).architecture
     prompt = [5, 9, 14, 3]
-    result = sample(model, arch, [prompt], [[1, 2, 3, 4, 5]], 7, 0, [2], width=6)
+    result = sample(model, arch, [prompt], ["p"], SamplingSettings(num_samples=5, max_new_tokens=7), 0, [2], width=6)
     (rows,), (log_probs,) = result.tokens, result.log_probs
     assert [len(r) for r in log_probs] == [len(r) for r in rows]
     reference = continuation_nll(model, arch, prompt, rows, 0)

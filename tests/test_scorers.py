@@ -6,20 +6,16 @@ import urllib.parse
 from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import jsonargparse
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
 from destein_pl.evaluation.scorers import (
-    SCORERS,
     HFClassifierScorer,
     PerspectiveScorer,
     ProfanityCheckScorer,
     ScorerUnavailableError,
-    ToxicityScorer,
-    build_scorer,
 )
 from destein_pl.http_client import RetryPolicy
 
@@ -363,82 +359,3 @@ def test_fingerprints_name_what_scores_depend_on_and_no_key(api_key, tmp_path):
     scorer.setup()
     assert scorer.fingerprint() == fingerprint and KEY not in json.dumps(fingerprint)
     assert PerspectiveScorer().fingerprint()["attribute"] == "TOXICITY"
-
-
-# ---------------------------------------------------------------- registry and config parsing
-
-
-def test_build_scorer(monkeypatch, tmp_path):
-    monkeypatch.delenv("PERSPECTIVE_API_KEY", raising=False)  # building reads no key
-    assert set(SCORERS) == {"profanity-check", "hf-classifier", "perspective"}
-    assert {name: cls.name for name, cls in SCORERS.items()} == {n: n for n in SCORERS}
-    assert isinstance(build_scorer("profanity-check"), ProfanityCheckScorer)
-    scorer = build_scorer("perspective", cache_path=str(tmp_path / "p.sqlite"), attribute="INSULT")
-    assert isinstance(scorer, PerspectiveScorer) and scorer.attribute == "INSULT"
-    assert build_scorer(scorer) is scorer
-    assert isinstance(build_scorer("PerspectiveScorer"), PerspectiveScorer)
-    hf = build_scorer("destein_pl.evaluation.scorers.HFClassifierScorer", model="some/model")
-    assert isinstance(hf, HFClassifierScorer) and hf.model_name == "some/model"
-    accepted = "accepted: profanity-check, hf-classifier, perspective"
-    with pytest.raises(ValueError, match=f"unknown scorer 'detoxify'; {accepted}"):
-        build_scorer("detoxify")
-    with pytest.raises(ValueError, match="unexpected keyword argument 'api_key'.*accepted options: api_key_env, url"):
-        build_scorer("perspective", api_key="secret")
-    with pytest.raises(ValueError, match="already built"):
-        build_scorer(scorer, attribute="TOXICITY")
-    with pytest.raises(ValueError, match="not a scorer"):
-        build_scorer("destein_pl.induce.rewriters.LexicalRewriter")
-
-
-def _evaluate(scorer: ToxicityScorer | str = "profanity-check") -> None:
-    """Stands for a config with a scorer field, like `EvaluationConfig`.
-
-    Args:
-        scorer: the toxicity scorer.
-    """
-
-
-def _parser() -> jsonargparse.ArgumentParser:
-    parser = jsonargparse.ArgumentParser(exit_on_error=False)
-    parser.add_argument("--config", action="config")
-    parser.add_function_arguments(_evaluate)
-    return parser
-
-
-def test_scorer_parses_as_short_name_or_class_path(monkeypatch, tmp_path):
-    monkeypatch.delenv("PERSPECTIVE_API_KEY", raising=False)  # parsing builds the scorer: it must read no key
-    parser = _parser()
-    assert parser.parse_args([]).scorer == "profanity-check"
-    assert parser.parse_args(["--scorer", "perspective"]).scorer == "perspective"
-    config = tmp_path / "config.yaml"
-    config.write_text("scorer:\n  class_path: PerspectiveScorer\n  init_args:\n    attribute: INSULT\n"
-                      "    max_consecutive_failures: 3\n")
-    scorer = parser.instantiate(parser.parse_args(["--config", str(config)])).scorer
-    assert isinstance(scorer, PerspectiveScorer)
-    assert (scorer.attribute, scorer.max_consecutive_failures, scorer.languages) == ("INSULT", 3, ["en"])
-    args = ["--scorer", "destein_pl.evaluation.scorers.HFClassifierScorer", "--scorer.model", "some/model",
-            "--scorer.max_length", "64"]
-    scorer = parser.instantiate(parser.parse_args(args)).scorer
-    assert isinstance(scorer, HFClassifierScorer) and (scorer.model_name, scorer.max_length) == ("some/model", 64)
-    assert build_scorer(scorer) is scorer
-
-
-def test_scorer_config_errors_name_the_option(tmp_path):
-    parser = _parser()
-    config = tmp_path / "config.yaml"
-    config.write_text("scorer:\n  class_path: PerspectiveScorer\n  init_args:\n    api_key: secret\n")
-    with pytest.raises(jsonargparse.ArgumentError, match="Option 'api_key' is not accepted"):
-        parser.parse_args(["--config", str(config)])
-    config.write_text("scorer:\n  class_path: PerspectiveScorer\n  init_args:\n    requests_per_second: 0\n")
-    with pytest.raises((jsonargparse.ArgumentError, ValueError), match="requests_per_second` must be"):
-        parser.instantiate(parser.parse_args(["--config", str(config)]))
-
-
-def test_scorer_help_lists_its_options(capsys):
-    with pytest.raises(SystemExit):
-        _parser().parse_args(["--scorer.help", "PerspectiveScorer"])
-    shown = capsys.readouterr().out
-    for option in ("api_key_env", "url", "attribute", "languages", "requests_per_second", "max_retries", "backoff_s",
-                   "timeout_s", "cache_path", "max_consecutive_failures"):
-        assert f"--scorer.{option}" in shown
-    assert "texts in a row got no score" in shown  # the docstring's description of the option

@@ -4,12 +4,7 @@ import pytest
 import torch
 
 from destein_pl import SteeredCausalLM, UnsupportedArchitectureError, architecture_for
-from tests.conftest import FAMILIES, SDPA_FAMILIES, VOCAB, tiny_model
-
-
-def random_ids(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (batch, seq), generator=g)
+from tests.conftest import FAMILIES, SDPA_FAMILIES, left_pad, random_ids, tiny_model
 
 
 def random_steering(steered: SteeredCausalLM, seed: int = 2, scale: float = 3.0):
@@ -88,15 +83,6 @@ def test_greedy_generation_with_cache_equals_full_recompute(family):
             next_token = steered(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, next_token], dim=1)
     assert torch.equal(generated, seq)
-
-
-def left_pad(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
-    return ids, mask
 
 
 @pytest.mark.parametrize(

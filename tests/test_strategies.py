@@ -137,5 +137,5 @@ def test_ddp_is_told_not_to_broadcast_the_frozen_weights(tiny_llama_dir):
 def test_lightnings_fsdp_strategy_is_refused_with_the_alternative(tiny_llama_dir):
     module = DeSteinModule(base_model=str(tiny_llama_dir))
     module._trainer = SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(TypeError, match="destein_fsdp"):
+    with pytest.raises(ValueError, match="destein_fsdp"):
         module.configure_model()

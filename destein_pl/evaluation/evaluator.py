@@ -1,6 +1,6 @@
 """`Evaluator`: the RealToxicityPrompts protocol in plain Python, for a notebook or for the Lightning `test` adapter.
 
-For every alpha it generates `num_samples` continuations per prompt, scores their toxicity, measures their
+For every alpha it generates `sampling.num_samples` continuations per prompt, scores their toxicity, measures their
 perplexity, appends them to the alpha's folder as it goes (a rerun resumes), and aggregates EMT, TP, PPL and
 Dist-n per subset with torchmetrics (synchronised across processes when several run). `evaluate()` does all of it
 in one call.
@@ -92,8 +92,7 @@ class Evaluator:
             raise ValueError("evaluation.shard_perplexity_model needs the processes' device mesh (Evaluator(mesh=))")
         self.judge = PerplexityJudge.load(steered, cfg.perplexity_model, cfg.perplexity_model_dtype,
                                           cfg.perplexity_batch_size, self.mesh if shard else None)
-        self.sampler = PromptSampler(steered, cfg.num_samples, cfg.max_new_tokens, cfg.top_p, cfg.temperature,
-                                     cfg.seed, cfg.max_prompt_tokens)
+        self.sampler = PromptSampler(steered, cfg.sampling)
         self.sampler.fix_width(prompts)
         self.prompts = list(prompts)
         alphas = cfg.alphas if cfg.alphas is not None else sorted({0.0, round(steered.alpha, 6)})
@@ -136,7 +135,7 @@ class Evaluator:
     def _chunks(self, prompts: list[Prompt]) -> list[list[Prompt]]:
         """Prompts split so that a generation batch stays within `max_batch_tokens` (a prompt's samples together)."""
         cfg = self.config
-        per_prompt = max(cfg.num_samples, MIN_ROWS) * (self.sampler.width + cfg.max_new_tokens)
+        per_prompt = max(cfg.sampling.num_samples, MIN_ROWS) * (self.sampler.width + cfg.sampling.max_new_tokens)
         size = max(1, cfg.max_batch_tokens // per_prompt)
         return [prompts[i : i + size] for i in range(0, len(prompts), size)]
 
@@ -163,7 +162,7 @@ class Evaluator:
                for chunk, m in zip(chunks, made)]
         self.judge.finish_calls()
         self.timing["perplexity_s"] += time.perf_counter() - started
-        k, records = self.config.num_samples, []
+        k, records = self.config.sampling.num_samples, []
         for chunk, m, values in zip(chunks, made, nll):
             scores = self._score([t for texts in m.texts for t in texts])
             records += [

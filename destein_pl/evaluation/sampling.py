@@ -5,6 +5,10 @@ change with batch size, batch composition and the number of processes. Here ever
 prompt) has its own generator, seeded from (seed, prompt id, sample index), and draws exactly one number per
 step; and every prompt can be padded to one fixed width, so that its logits do not depend on its neighbours
 either. The same prompt then gives the same continuations however the work is split.
+
+`SamplingSettings` holds (and checks) the options of every command that samples: evaluation, `generate`, `induce`,
+and the few-shot rewriter, which decodes through the same `sample` with stop tokens, banned tokens, per-prompt
+limits and a greedy first row.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +30,43 @@ MIN_ROWS = 8
 """Batches are filled up to this many rows: CPU matrix kernels take another code path for fewer than 4 rows,
 which changes results in the last bits (measured), while from 4 rows on a row's result does not depend on the
 batch."""
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How continuations are drawn (defaults: the paper's protocol), for every command that samples; each option is
+    checked here, once.
+
+    Args:
+        top_p: nucleus sampling mass (paper: 0.9), in (0, 1].
+        temperature: sampling temperature (paper: 1), a finite number >= 0; 0 is greedy.
+        num_samples: continuations per prompt (paper: 25), at least 1.
+        max_new_tokens: tokens per continuation (paper: 20), at least 1.
+        seed: a continuation depends only on (seed, prompt id, sample index).
+        max_prompt_tokens: prompts longer than this many tokens are cut from the left (with a warning), at least 1;
+            None: only to the room the model's context leaves.
+    """
+
+    top_p: float = 0.9
+    temperature: float = 1.0
+    num_samples: int = 25
+    max_new_tokens: int = 20
+    seed: int = 0
+    max_prompt_tokens: int | None = 512
+
+    def __post_init__(self) -> None:
+        # `top_p <= 0` empties the nucleus (the least likely token would be picked); a negative or NaN temperature
+        # flips or breaks the distribution: settings that would run but give meaningless text.
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (the nucleus mass), got {self.top_p}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}")
+        for name in ("num_samples", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be at least 1 (or None: the room the context leaves), got "
+                             f"{self.max_prompt_tokens}")
 
 
 def row_seed(seed: int, prompt_id: str, sample: int) -> int:
@@ -68,17 +110,6 @@ def nucleus_choice(logits: Tensor, uniforms: Tensor, top_p: float, temperature: 
     return order.gather(-1, position[:, None]).squeeze(-1)
 
 
-def check_sampling(top_p: float, temperature: float, max_new_tokens: int) -> None:
-    """Refuse sampling settings that would run but give meaningless text: `top_p <= 0` empties the nucleus (the
-    least likely token would be picked), a negative or NaN temperature flips or breaks the distribution."""
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (the nucleus mass), got {top_p}")
-    if not (temperature >= 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-
-
 @torch.no_grad()
 def left_padded(prompts: list[list[int]], width: int, pad_token_id: int, device: torch.device | str = "cpu"
                 ) -> tuple[Tensor, Tensor]:
@@ -92,35 +123,62 @@ def left_padded(prompts: list[list[int]], width: int, pad_token_id: int, device:
     return input_ids.to(device), attention_mask.to(device)
 
 
+def banned_logits(logits: Tensor, histories: list[list[int]], finished: list[bool],
+                  bans: Mapping[tuple[int, ...], Collection[int]], key_lengths: list[int]) -> Tensor:
+    """`logits` as floats with -inf at the tokens each unfinished row may not take next: those of `bans[the row's
+    last k tokens]` for every key length k in `key_lengths` (`bans[()]` always)."""
+    logits = logits.float().clone()
+    for row, history in enumerate(histories):
+        if finished[row]:
+            continue
+        banned = set().union(*(bans.get(tuple(history[len(history) - k :]), ()) for k in key_lengths
+                               if k <= len(history)))
+        if banned:
+            logits[row, sorted(banned)] = -math.inf
+    return logits
+
+
+@torch.no_grad()
 def sample(
     model: nn.Module,
     architecture: Architecture,
     prompts: list[list[int]],
-    seeds: list[list[int]],
-    max_new_tokens: int,
+    keys: list[str],
+    settings: SamplingSettings,
     pad_token_id: int,
-    eos_token_ids: list[int],
-    top_p: float = 0.9,
-    temperature: float = 1.0,
+    eos_token_ids: Collection[int],
     width: int | None = None,
+    *,
+    stop_token_ids: Collection[int] = (),
+    bans: Mapping[tuple[int, ...], Collection[int]] | None = None,
+    limits: list[int] | None = None,
+    greedy_first: bool = False,
 ) -> SampleResult:
-    """Continue token-id prompts, `len(seeds[p])` samples of prompt p, all in one batch with the KV cache.
+    """Continue token-id prompts, `settings.num_samples` samples of each, all in one batch with the KV cache.
 
-    Each prompt is run once (left-padded to `width`, or to the longest prompt) and its cache repeated for its
-    samples. With a fixed `width`, a row's logits do not depend on the other rows of the batch (given
-    batch-invariant kernels, as on CPU), so nor do its samples.
+    Sample s of prompt p draws from its own generator, seeded from `(settings.seed, keys[p], s)`. Each prompt is
+    run once (left-padded to `width`, or to the longest prompt) and its cache repeated for its samples. With a
+    fixed `width`, a row's logits do not depend on the other rows of the batch (given batch-invariant kernels, as
+    on CPU), so nor do its samples. `settings.max_prompt_tokens` is the callers' to apply (`PromptSampler` does).
+
+    Args:
+        eos_token_ids: tokens that end a row; they are not part of it.
+        stop_token_ids: tokens that end a row and are kept as its last token.
+        bans: {a row's last tokens: the tokens it may not take next}; `()` holds those never taken.
+        limits: per prompt, at most this many tokens (within `settings.max_new_tokens`).
+        greedy_first: each prompt's first sample is greedy, its others sampled.
     """
-    check_sampling(top_p, temperature, max_new_tokens)
-    if len(prompts) != len(seeds) or len({len(s) for s in seeds}) != 1:
-        raise ValueError("seeds must hold one list of the same length per prompt")
-    if not seeds[0]:
-        raise ValueError("seeds must hold at least one sample per prompt")
+    if len(prompts) != len(keys) or not prompts:
+        raise ValueError(f"sample needs one key per prompt and at least one prompt, got {len(prompts)} prompts and "
+                         f"{len(keys)} keys")
+    if limits is not None and (len(limits) != len(prompts) or min(limits) < 1):
+        raise ValueError(f"limits must hold one number >= 1 per prompt, got {limits}")
     device = next(model.parameters()).device
     longest = max(len(p) for p in prompts)
     if width is not None and width < longest:
         raise ValueError(f"width {width} is shorter than the longest prompt ({longest} tokens)")
     width = width or longest
-    samples = len(seeds[0])
+    samples, max_new_tokens = settings.num_samples, settings.max_new_tokens
     repeats = max(samples, -(-MIN_ROWS // len(prompts)))  # rows beyond `samples` are filler, dropped at the end
     rows = prompts + [prompts[0]] * max(0, MIN_ROWS - len(prompts))  # filler rows, dropped after the prefill
     input_ids, attention_mask = left_padded(rows, width, pad_token_id, device)
@@ -131,29 +189,62 @@ def sample(
     cache.batch_repeat_interleave(repeats)
     logits = out.logits[real_prompts, -1].repeat_interleave(repeats, dim=0)
     attention_mask = attention_mask[real_prompts].repeat_interleave(repeats, dim=0)
-    generators = [torch.Generator().manual_seed(s) for row in seeds for s in row + [0] * (repeats - samples)]
-    real = (torch.arange(repeats, device=device) < samples).repeat(len(prompts))
-    eos = torch.tensor(eos_token_ids, device=device)
+    seeds = [[row_seed(settings.seed, key, s) for s in range(samples)] + [0] * (repeats - samples) for key in keys]
+    generators = [torch.Generator().manual_seed(s) for row in seeds for s in row]
+    sample_index = torch.arange(repeats, device=device).repeat(len(prompts))
+    real, first = sample_index < samples, sample_index == 0
+    limit = torch.tensor([min(n, max_new_tokens) for n in limits or [max_new_tokens] * len(prompts)],
+                         device=device).repeat_interleave(repeats)
+    eos = torch.tensor(sorted(eos_token_ids), dtype=torch.long, device=device)
+    stops = torch.tensor(sorted(stop_token_ids), dtype=torch.long, device=device)
     finished = torch.zeros(len(generators), dtype=torch.bool, device=device)
+    lengths = torch.zeros(len(generators), dtype=torch.long, device=device)
+    histories = [[] for _ in generators] if bans else None
+    key_lengths = sorted({len(key) for key in bans or ()})
     steps: list[Tensor] = []
     step_log_probs: list[Tensor] = []
     for step in range(max_new_tokens):
         uniforms = torch.cat([torch.rand(1, generator=g) for g in generators]).to(device)
-        token = nucleus_choice(logits, uniforms, top_p, temperature).masked_fill(finished, pad_token_id)
+        choice = logits if histories is None else banned_logits(logits, histories, finished.tolist(), bans,
+                                                                 key_lengths)
+        token = nucleus_choice(choice, uniforms, settings.top_p, settings.temperature)
+        if greedy_first:
+            token = torch.where(first, choice.argmax(dim=-1), token)
+        active = ~finished
+        token = token.masked_fill(finished, pad_token_id)
         steps.append(token)
         step_log_probs.append(torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None])[:, 0])
-        finished |= torch.isin(token, eos)
+        ended = torch.isin(token, eos) & active
+        lengths += (active & ~ended).long()
+        finished |= ended | torch.isin(token, stops) | (lengths >= limit)
+        if histories is not None:
+            for history, t, grows in zip(histories, token.tolist(), active.tolist()):
+                if grows:
+                    history.append(t)
         if finished[real].all() or step == max_new_tokens - 1:
             break
         inputs, attention_mask = architecture.step_inputs(token, attention_mask)
         out = model(**inputs, cache=cache, use_cache=True)
         cache, logits = out.cache, out.logits[:, -1]
-    tokens = torch.stack(steps, dim=1).view(len(prompts), repeats, -1)[:, :samples].tolist()
-    eos_set = set(eos_token_ids)
-    lengths = [[next((i for i, t in enumerate(row) if t in eos_set), len(row)) for row in rows] for rows in tokens]
-    values = torch.stack(step_log_probs, dim=1).view(len(prompts), repeats, -1)[:, :samples].tolist()
-    cut = lambda nested: [[row[:n] for row, n in zip(rows, ns)] for rows, ns in zip(nested, lengths)]  # noqa: E731
-    return SampleResult(cut(tokens), cut(values))
+
+    def per_sample(stacked: Tensor) -> list[list[list]]:
+        """`[prompt][sample]` rows of a (rows, steps) tensor, each cut to its length."""
+        values = stacked.view(len(prompts), repeats, -1)[:, :samples].tolist()
+        counts = lengths.view(len(prompts), repeats)[:, :samples].tolist()
+        return [[row[:n] for row, n in zip(rows, ns)] for rows, ns in zip(values, counts)]
+
+    return SampleResult(per_sample(torch.stack(steps, dim=1)), per_sample(torch.stack(step_log_probs, dim=1)))
+
+
+def prompt_limit(steered, settings: SamplingSettings) -> int:
+    """The most tokens of a prompt that are kept: `settings.max_prompt_tokens`, within the room the model's context
+    leaves beside `settings.max_new_tokens`."""
+    new_tokens = settings.max_new_tokens
+    room = steered.architecture.context_length(steered.config) - new_tokens
+    if room < 1:
+        raise ValueError(f"max_new_tokens={new_tokens} leaves no room for a prompt in the model's context of "
+                         f"{room + new_tokens} tokens")
+    return room if settings.max_prompt_tokens is None else min(settings.max_prompt_tokens, room)
 
 
 @dataclass
@@ -169,37 +260,19 @@ class Continuations:
 
 class PromptSampler:
     """Continues text prompts the way evaluation does, so that every command gives the same text for the same
-    prompt id, seed and settings: prompts cut from the left to `max_prompt_tokens` (and to the room the context
-    leaves), padded to one width for the whole run, each sample drawn with its own seed.
+    prompt id and settings: prompts cut from the left to `max_prompt_tokens` (and to the room the context leaves),
+    padded to one width for the whole run, each sample drawn with its own seed.
 
     Args:
         steered: the model, with its current steering.
-        num_samples: continuations per prompt.
-        max_new_tokens: tokens per continuation.
-        top_p: nucleus mass, in (0, 1].
-        temperature: >= 0; 0 is greedy.
-        seed: a continuation depends only on (seed, prompt id, sample index).
-        max_prompt_tokens: longest prompt kept, in tokens (None: the room the context leaves).
+        settings: how continuations are drawn (a continuation depends only on its seed, prompt id and sample index).
     """
 
-    def __init__(self, steered, num_samples: int, max_new_tokens: int, top_p: float = 0.9, temperature: float = 1.0,
-                 seed: int = 0, max_prompt_tokens: int | None = None) -> None:
+    def __init__(self, steered, settings: SamplingSettings | None = None) -> None:
         if steered.tokenizer is None:
             raise ValueError("the SteeredCausalLM was built without a tokenizer; pass one to continue text prompts")
-        check_sampling(top_p, temperature, max_new_tokens)
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-        if max_prompt_tokens is not None and max_prompt_tokens < 1:
-            raise ValueError(f"max_prompt_tokens must be at least 1 (or None: the room the context leaves), got "
-                             f"{max_prompt_tokens}")
-        self.steered = steered
-        self.num_samples, self.max_new_tokens, self.top_p = num_samples, max_new_tokens, top_p
-        self.temperature, self.seed = temperature, seed
-        room = steered.architecture.context_length(steered.config) - max_new_tokens
-        if room < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
-                             f"of {room + max_new_tokens} tokens")
-        self.max_prompt_tokens = room if max_prompt_tokens is None else min(max_prompt_tokens, room)
+        self.steered, self.settings = steered, settings or SamplingSettings()
+        self.max_prompt_tokens = prompt_limit(steered, self.settings)
         self.end_tokens = end_token_ids(steered.generation_config, steered.tokenizer)
         self.width: int | None = None
         self.cut_prompts: set[str] = set()
@@ -222,13 +295,11 @@ class PromptSampler:
         return self.width
 
     def __call__(self, prompts) -> Continuations:
-        """`num_samples` continuations of each prompt, with the model's current steering."""
+        """`settings.num_samples` continuations of each prompt, with the model's current steering."""
         steered, tokenizer = self.steered, self.steered.tokenizer
         prompt_ids = [self.prompt_ids(p) for p in prompts]
-        seeds = [[row_seed(self.seed, p.id, s) for s in range(self.num_samples)] for p in prompts]
         width = None if self.width is None else max(self.width, *(len(ids) for ids in prompt_ids))
-        result = sample(steered, steered.architecture, prompt_ids, seeds, self.max_new_tokens,
-                        tokenizer.pad_token_id, self.end_tokens, top_p=self.top_p, temperature=self.temperature,
-                        width=width)
+        result = sample(steered, steered.architecture, prompt_ids, [p.id for p in prompts], self.settings,
+                        tokenizer.pad_token_id, self.end_tokens, width)
         texts = [tokenizer.batch_decode(rows, skip_special_tokens=True) for rows in result.tokens]
         return Continuations(prompt_ids, result.tokens, result.log_probs, texts)

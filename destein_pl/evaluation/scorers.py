@@ -303,7 +303,7 @@ SCORERS: dict[str, type[ToxicityScorer]] = {
 }
 
 
-def build_scorer(spec: ToxicityScorer | str, **legacy_options: Any) -> ToxicityScorer:
-    """The scorer `spec` names: an instance (returned as is), a short name of `SCORERS`, a class name or an import
-    path, constructed with `legacy_options` (the deprecated `scorer_args`)."""
-    return build_plugin(spec, ToxicityScorer, SCORERS, "scorer", legacy_options)
+def build_scorer(spec: ToxicityScorer | str) -> ToxicityScorer:
+    """The scorer `spec` names: an instance (returned as is), a short name of `SCORERS`, a class name, an import
+    path, or a class_path/init_args mapping."""
+    return build_plugin(spec, ToxicityScorer, SCORERS, "scorer")

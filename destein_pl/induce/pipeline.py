@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,7 +23,7 @@ from tqdm.auto import tqdm
 from destein_pl.calibration.pairs import read_pairs
 from destein_pl.evaluation.perplexity import continuation_nll
 from destein_pl.evaluation.prompts import read_prompts, usable_prompts
-from destein_pl.evaluation.sampling import end_token_ids, row_seed, sample
+from destein_pl.evaluation.sampling import SamplingSettings, end_token_ids, prompt_limit, sample
 from destein_pl.evaluation.scorers import ToxicityScorer, build_scorer
 from destein_pl.files import append_jsonl, ensure_settings, read_jsonl, write_atomic
 from destein_pl.induce.rewriters import RewriteContext, Rewriter, build_rewriter
@@ -44,18 +42,6 @@ class Job(NamedTuple):
     id: str
     prompt: str
     token_ids: list[int]
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How each job is continued (what `samples.jsonl` depends on, with the model and prompts)."""
-
-    samples_per_prompt: int
-    max_new_tokens: int
-    top_p: float
-    temperature: float
-    seed: int
-    batch_size: int
 
 
 @dataclass
@@ -113,26 +99,21 @@ def log_likelihoods(steered: SteeredCausalLM, texts: list[str], batch_size: int 
 
 
 def check_options(
-    prompts: str | None, num_prompts: int | None, unprompted_samples: int, sampling: SamplingSettings, top_n: int,
+    prompts: str | None, num_prompts: int | None, unprompted_samples: int, batch_size: int, top_n: int,
     min_toxicity: float, max_rewrite_toxicity: float, max_loglik_gap: float | None,
 ) -> None:
-    """Refuse out-of-range options before anything is loaded, naming the option and its range."""
+    """Refuse out-of-range options before anything is loaded, naming the option and its range (the sampling
+    options are checked by `SamplingSettings`)."""
     problems = []
     if prompts is None and unprompted_samples == 0:
         raise ValueError("nothing to sample: give inducing prompts, unprompted_samples > 0, or both")
-    at_least_one = {"samples_per_prompt": sampling.samples_per_prompt, "max_new_tokens": sampling.max_new_tokens,
-                    "batch_size": sampling.batch_size, "top_n": top_n}
-    for name, value in at_least_one.items():
+    for name, value in {"batch_size": batch_size, "top_n": top_n}.items():
         if value < 1:
             problems.append(f"{name} must be at least 1, got {value}")
     if num_prompts is not None and num_prompts < 1:
         problems.append(f"num_prompts must be at least 1 (or null: all), got {num_prompts}")
     if unprompted_samples < 0:
         problems.append(f"unprompted_samples must be at least 0, got {unprompted_samples}")
-    if not 0 < sampling.top_p <= 1:
-        problems.append(f"top_p must be in (0, 1] (the nucleus mass), got {sampling.top_p}")
-    if not (sampling.temperature >= 0 and math.isfinite(sampling.temperature)):
-        problems.append(f"temperature must be a finite number >= 0 (0 is greedy), got {sampling.temperature}")
     if not 0 <= min_toxicity <= 1:
         problems.append(f"min_toxicity must be in [0, 1], got {min_toxicity}")
     if not max_rewrite_toxicity > 0:
@@ -143,48 +124,37 @@ def check_options(
         raise ValueError("invalid induce options: " + "; ".join(problems))
 
 
-def build_plugins(
-    scorer: ToxicityScorer | str, scorer_args: dict[str, Any] | None,
-    rewriter: Rewriter | str, rewriter_args: dict[str, Any] | None,
-) -> tuple[ToxicityScorer, Rewriter]:
-    """The scorer and rewriter the options name; the deprecated `*_args` go into a short name's construction."""
-    for kind, options in (("scorer", scorer_args), ("rewriter", rewriter_args)):
-        if options:
-            message = (f"induce: `{kind}_args` is deprecated; give the {kind} as class_path/init_args "
-                       f"(`--{kind}.help CLASS` lists a {kind}'s init_args)")
-            warnings.warn(message, DeprecationWarning, stacklevel=3)
-            log.warning(message)  # DeprecationWarnings are hidden outside __main__; the CLI user should see it
-    return build_scorer(scorer, **(scorer_args or {})), build_rewriter(rewriter, **(rewriter_args or {}))
-
-
-def sampling_jobs(tokenizer, prompts: str | None, num_prompts: int | None, unprompted_samples: int,
+def sampling_jobs(steered: SteeredCausalLM, prompts: str | None, num_prompts: int | None, unprompted_samples: int,
                   sampling: SamplingSettings) -> list[Job]:
-    """Unprompted jobs (enough for `unprompted_samples`, rounded up) followed by the inducing prompts."""
-    unprompted = -(-unprompted_samples // sampling.samples_per_prompt)
+    """Unprompted jobs (enough for `unprompted_samples`, rounded up) followed by the inducing prompts, each cut from
+    the left to `sampling.max_prompt_tokens` (and to the room the model's context leaves)."""
+    tokenizer, limit = steered.tokenizer, prompt_limit(steered, sampling)
+    unprompted = -(-unprompted_samples // sampling.num_samples)
     jobs = [Job(f"u{i}", "", [start_token_id(tokenizer)]) for i in range(unprompted)]
-    if prompts is not None:
-        jobs += [Job(f"p{i}", text, tokenizer(text)["input_ids"])
-                 for i, text in enumerate(inducing_prompts(prompts, num_prompts, sampling.seed))]
+    texts = inducing_prompts(prompts, num_prompts, sampling.seed) if prompts is not None else []
+    ids = [tokenizer(text)["input_ids"] for text in texts]
+    jobs += [Job(f"p{i}", text, token_ids[-limit:]) for i, (text, token_ids) in enumerate(zip(texts, ids))]
+    cut = sum(len(token_ids) > limit for token_ids in ids)
+    if cut:
+        log.warning("%d inducing prompts cut from the left to %d tokens (max_prompt_tokens)", cut, limit)
     return jobs
 
 
 def sample_jobs(steered: SteeredCausalLM, jobs: list[Job], samples_path: Path, scorer: ToxicityScorer,
-                sampling: SamplingSettings) -> None:
-    """Continue and score each job, appending one line per job to `samples_path` batch by batch, so that an
-    interruption loses at most the batch in progress."""
+                sampling: SamplingSettings, batch_size: int) -> None:
+    """Continue and score each job, `batch_size` jobs per generation batch, appending one line per job to
+    `samples_path` batch by batch, so that an interruption loses at most the batch in progress."""
     tokenizer = steered.tokenizer
     eos = end_token_ids(steered.generation_config, tokenizer)
     with tqdm(total=len(jobs), desc="inducing", unit="prompt") as bar:
-        for i in range(0, len(jobs), sampling.batch_size):
-            chunk = jobs[i : i + sampling.batch_size]
-            seeds = [[row_seed(sampling.seed, job.id, s) for s in range(sampling.samples_per_prompt)] for job in chunk]
-            result = sample(steered, steered.architecture, [job.token_ids for job in chunk], seeds,
-                            sampling.max_new_tokens, tokenizer.pad_token_id, eos, top_p=sampling.top_p,
-                            temperature=sampling.temperature)
+        for i in range(0, len(jobs), batch_size):
+            chunk = jobs[i : i + batch_size]
+            result = sample(steered, steered.architecture, [job.token_ids for job in chunk], [job.id for job in chunk],
+                            sampling, tokenizer.pad_token_id, eos)
             texts = [[t.strip() for t in tokenizer.batch_decode(job_tokens, skip_special_tokens=True)]
                      for job_tokens in result.tokens]
             scores = scorer.score([t for job_texts in texts for t in job_texts])  # one call: the scorer batches them
-            n = sampling.samples_per_prompt
+            n = sampling.num_samples
             append_jsonl(samples_path, [{"id": job.id, "prompt": job.prompt, "samples": job_texts,
                                          "toxicity": scores[k * n : (k + 1) * n]}
                                         for k, (job, job_texts) in enumerate(zip(chunk, texts))])
@@ -244,19 +214,14 @@ def induce(
     dtype: str | None = None,
     prompts: str | None = None,
     num_prompts: int | None = 200,
-    samples_per_prompt: int = 5,
     unprompted_samples: int = 0,
-    max_new_tokens: int = 32,
-    top_p: float = 0.9,
-    temperature: float = 1.0,
-    seed: int = 0,
+    sampling: SamplingSettings = SamplingSettings(  # noqa: B008 (frozen, never mutated)
+        num_samples=5, max_new_tokens=32, max_prompt_tokens=None),
     batch_size: int = 8,
     scorer: ToxicityScorer | str = "profanity-check",
-    scorer_args: dict[str, Any] | None = None,
     top_n: int = 100,
     min_toxicity: float = 0.5,
     rewriter: Rewriter | str = "self",
-    rewriter_args: dict[str, Any] | None = None,
     max_rewrite_toxicity: float = 0.5,
     max_loglik_gap: float | None = 1.0,
     output: str | None = None,
@@ -270,57 +235,55 @@ def induce(
         dtype: its dtype (None: as stored).
         prompts: inducing prompts: a ParaDetox TSV (its toxic column, the paper's choice for LLMs), a prompts
             JSONL or text file; None for unprompted samples only.
-        num_prompts: inducing prompts sampled with `seed`, at least 1 (None: all).
-        samples_per_prompt: continuations per inducing prompt, at least 1.
+        num_prompts: inducing prompts sampled with `sampling.seed`, at least 1 (None: all).
         unprompted_samples: samples from the start token alone (the paper's choice for GPT-2), rounded up to a
-            multiple of `samples_per_prompt`; at least 0.
-        max_new_tokens: tokens per sample, at least 1.
-        top_p: nucleus sampling mass, in (0, 1].
-        temperature: sampling temperature, at least 0 (0 is greedy).
-        seed: seed of the prompt sample and of every continuation.
-        batch_size: prompts per generation batch (each brings `samples_per_prompt` rows), at least 1.
+            multiple of `sampling.num_samples`; at least 0.
+        sampling: how each prompt is continued: `num_samples` continuations per inducing prompt of
+            `max_new_tokens` tokens, nucleus `top_p` at `temperature`; `seed` draws the inducing prompts and seeds
+            every continuation; `max_prompt_tokens` cuts longer prompts from the left (None: only to the room the
+            context leaves).
+        batch_size: prompts per generation batch (each brings `sampling.num_samples` rows), at least 1.
         scorer: toxicity scorer: a short name (`profanity-check`, `hf-classifier`, `perspective`) or
             `class_path`/`init_args` (`--scorer.help PerspectiveScorer` lists its options).
-        scorer_args: deprecated: the options of a short-name scorer; use `class_path`/`init_args`.
         top_n: how many of the most toxic samples to keep (paper: 500), at least 1.
         min_toxicity: a kept sample scores at least this, in [0, 1].
         rewriter: a short name: `self` (the model rewrites its text), `lexical`, `openai-compatible`, or `none`
             (non-parallel: the most toxic samples paired with the least toxic ones); or `class_path`/`init_args`
             (`--rewriter.help LexicalRewriter` lists its options).
-        rewriter_args: deprecated: the options of a short-name rewriter; use `class_path`/`init_args`.
         max_rewrite_toxicity: drop a pair whose non-toxic side scores this or more (> 0; above 1: keep all).
         max_loglik_gap: drop a pair whose sides' mean per-token log-likelihoods differ by more (nats, at least 0);
             None: keep.
         output: the pairs file (default `<output_dir>/pairs.jsonl`).
     """
-    sampling = SamplingSettings(samples_per_prompt, max_new_tokens, top_p, temperature, seed, batch_size)
-    check_options(prompts, num_prompts, unprompted_samples, sampling, top_n, min_toxicity, max_rewrite_toxicity,
+    check_options(prompts, num_prompts, unprompted_samples, batch_size, top_n, min_toxicity, max_rewrite_toxicity,
                   max_loglik_gap)
-    toxicity, writer = build_plugins(scorer, scorer_args, rewriter, rewriter_args)
+    toxicity, writer = build_scorer(scorer), build_rewriter(rewriter)
     toxicity.setup()  # a missing API key or classifier is an error now, not after the sampling
     writer.setup()
     folder = Path(output_dir)
+    # The keys `samples.jsonl` folders have always recorded; one recorded without `max_prompt_tokens` matches its
+    # default (None), so it still resumes.
     ensure_settings(folder, {"base_model": base_model, "dtype": dtype, "prompts": prompts, "num_prompts": num_prompts,
-                             "samples_per_prompt": samples_per_prompt, "max_new_tokens": max_new_tokens,
-                             "top_p": top_p, "temperature": temperature, "seed": seed,
-                             "scorer": toxicity.fingerprint()})
+                             "samples_per_prompt": sampling.num_samples, "max_new_tokens": sampling.max_new_tokens,
+                             "top_p": sampling.top_p, "temperature": sampling.temperature, "seed": sampling.seed,
+                             "max_prompt_tokens": sampling.max_prompt_tokens, "scorer": toxicity.fingerprint()})
     model, tokenizer = load_base_model(base_model, dtype=dtype)
     steered = SteeredCausalLM(model, tokenizer)
 
-    jobs = sampling_jobs(tokenizer, prompts, num_prompts, unprompted_samples, sampling)
+    jobs = sampling_jobs(steered, prompts, num_prompts, unprompted_samples, sampling)
     samples_path = folder / "samples.jsonl"
     done = {r["id"] for r in read_jsonl(samples_path, "samples file")} if samples_path.is_file() else set()
     todo = [job for job in jobs if job.id not in done]
     log.info("inducing: %d prompts already sampled, %d to go", len(jobs) - len(todo), len(todo))
     started = time.perf_counter()
-    sample_jobs(steered, todo, samples_path, toxicity, sampling)
+    sample_jobs(steered, todo, samples_path, toxicity, sampling, batch_size)
     generation_s = time.perf_counter() - started
 
     pool = scored_pool(samples_path, jobs, toxicity)
     selected = select_most_toxic(pool, top_n, min_toxicity)
     rewritten = rewrite_selected(selected, writer, RewriteContext(steered, pool, [s["id"] for s in selected]))
     nontoxic = drop_toxic_rewrites(rewritten, toxicity, max_rewrite_toxicity)
-    pairs = drop_unlike_pairs(nontoxic, steered, max_loglik_gap, batch_size * samples_per_prompt)
+    pairs = drop_unlike_pairs(nontoxic, steered, max_loglik_gap, batch_size * sampling.num_samples)
     counts = {"generated_prompts": len(todo), "samples": len(pool), "selected": len(selected),
               "no_rewrite": len(selected) - len(rewritten), "rewrite_still_toxic": len(rewritten) - len(nontoxic),
               "loglik_gap": len(nontoxic) - len(pairs), "pairs": len(pairs), "generation_s": round(generation_s, 1)}

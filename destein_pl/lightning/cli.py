@@ -1,12 +1,14 @@
-"""The `destein` command. `fit`, `test` (and Lightning's other verbs) are a LightningCLI over `DeSteinModule` and
-`DeSteinDataModule`; `generate`, `compare`, `induce` and `export` are typed functions. Every verb is parsed by
-jsonargparse: options on the command line or in YAML (`--config`), checked against their types, listed by `--help`."""
+"""The `destein` command. `fit` and `test` are a LightningCLI over `DeSteinModule` and `DeSteinDataModule`;
+`generate`, `compare`, `induce` and `export` are typed functions. Every verb is parsed by jsonargparse: options on
+the command line or in YAML (`--config`), checked against their types, listed by `--help`. When the library refuses
+bad input (a ValueError, OSError, ImportError or unavailable scorer raised by destein-pl's own code), the verb ends
+with one line `destein VERB: error: MESSAGE` on stderr and exit code 2; any other exception keeps its traceback."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import inspect
-import json
 import logging
 import sys
 import textwrap
@@ -15,19 +17,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jsonargparse
-from jsonargparse import DefaultHelpFormatter
+import docstring_parser
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 
 from destein_pl.evaluation.prompts import Prompt, PromptsConfig, load_prompts
 from destein_pl.evaluation.report import load_results, markdown_table
-from destein_pl.evaluation.sampling import PromptSampler
-from destein_pl.evaluation.scorers import SCORERS
+from destein_pl.evaluation.sampling import PromptSampler, SamplingSettings
+from destein_pl.evaluation.scorers import SCORERS, ScorerUnavailableError
 from destein_pl.induce import REWRITERS, induce
 from destein_pl.lightning.datamodule import DeSteinDataModule
 from destein_pl.lightning.module import DeSteinModule
 from destein_pl.plugins import describe_plugins
-from destein_pl.steering.checkpoint import apply_checkpoint_state, load_checkpoint_file, read_checkpoint
+from destein_pl.steering.checkpoint import load_checkpoint_file, read_checkpoint
 from destein_pl.steering.export import export
 from destein_pl.steering.model import SteeredCausalLM
 
@@ -39,18 +41,13 @@ DEMO_PROMPTS = [
 ]
 
 
+# ---- generate ------------------------------------------------------------------------------------------------------
 def generate(
     ckpt: str = "checkpoints/smollm2-135m-paradetox.ckpt",
     prompt: list[str] | None = None,
     prompts: PromptsConfig | None = None,
     alpha: float | None = None,
-    max_new_tokens: int = 30,
-    sample: bool = False,
-    num_samples: int = 1,
-    top_p: float = 0.9,
-    temperature: float = 1.0,
-    seed: int = 0,
-    max_prompt_tokens: int = 512,
+    sampling: SamplingSettings = SamplingSettings(num_samples=1, max_new_tokens=30, temperature=0.0),  # noqa: B008
     width: int = 60,
 ) -> dict[str, list]:
     """Continue prompts with the base model and with the steered model, side by side.
@@ -58,56 +55,74 @@ def generate(
     Returns what it prints: `{"prompts": [...], "base": [[...]], "steered": [[...]]}`, the continuations of each
     prompt.
 
-    Uses the evaluation sampler: with `--sample true`, the same prompts (`--prompts.*` as `test`'s `--data.prompts.*`),
-    seed, `top_p`, `temperature`, `max_new_tokens` and `max_prompt_tokens` give exactly the continuations `destein
-    test` writes for them.
+    Uses the evaluation sampler: the same prompts (`--prompts.*` as `test`'s `--data.prompts.*`) and the same
+    `--sampling.*` as `test`'s `--model.evaluation.sampling.*` give exactly the continuations `destein test` writes
+    for them. By default it is greedy: one continuation of 30 tokens per prompt (`--sampling.temperature 1
+    --sampling.num_samples 3` samples three).
 
     Args:
         ckpt: steering checkpoint (.ckpt or .safetensors); its base model is loaded.
-        prompt: a prompt to continue (repeat the option for several; its id is its own text). Default: a few
-            short toxic prompts.
+        prompt: prompts to continue (`--prompt A B` or `--prompt A --prompt B`; a prompt's id is its own text).
+            Default: a few short toxic prompts.
         prompts: prompts from a file instead, selected as `test` selects them (source, n, seed, ...).
         alpha: steering strength (default: the checkpoint's).
-        max_new_tokens: tokens per continuation.
-        sample: nucleus sampling instead of greedy decoding.
-        num_samples: continuations per prompt when sampling.
-        top_p: nucleus mass when sampling, in (0, 1].
-        temperature: sampling temperature, > 0.
-        seed: sampling seed (a continuation depends only on seed, prompt id and sample index).
-        max_prompt_tokens: prompts longer than this are cut from the left.
+        sampling: how continuations are drawn (temperature 0: greedy).
         width: column width of the printed table.
     """
-    if prompt and prompts:
-        raise ValueError("give --prompt texts or --prompts.source, not both")
-    if num_samples < 1 or max_new_tokens < 1:
-        raise ValueError(f"num_samples and max_new_tokens must be at least 1, got {num_samples}, {max_new_tokens}")
-    if sample and not (0 < top_p <= 1 and temperature > 0):
-        raise ValueError(f"sampling needs top_p in (0, 1] and temperature > 0, got {top_p}, {temperature}")
-    chosen = load_prompts(prompts) if prompts else [Prompt(text, text) for text in (prompt or DEMO_PROMPTS)]
+    chosen = chosen_prompts(prompt, prompts)
     steered = SteeredCausalLM.from_checkpoint(ckpt, alpha=alpha)
-    steered.model.set_attn_implementation("eager")  # as `test` does: samples independent of the batch
-    sampler = PromptSampler(steered, num_samples if sample else 1, max_new_tokens, top_p,
-                            temperature if sample else 0.0, seed, max_prompt_tokens)
-    sampler.fix_width(chosen)
+    base, steered_texts = base_and_steered(prompt_sampler(steered, sampling, chosen), chosen)
+    print_side_by_side(chosen, base, steered_texts, steered.alpha, width)
+    return {"prompts": [p.text for p in chosen], "base": base, "steered": steered_texts}
+
+
+def chosen_prompts(texts: list[str] | None, source: PromptsConfig | None) -> list[Prompt]:
+    """The prompts `generate` continues: from a file, the texts given (each its own id), or the demo prompts."""
+    if texts and source:
+        raise ValueError("give --prompt texts or --prompts.source, not both")
+    return load_prompts(source) if source else [Prompt(text, text) for text in (texts or DEMO_PROMPTS)]
+
+
+def prompt_sampler(steered: SteeredCausalLM, sampling: SamplingSettings, prompts: list[Prompt]) -> PromptSampler:
+    """The sampler `test` would use for these prompts: eager attention (samples independent of the batch) and one
+    padding width for all of them."""
+    steered.model.set_attn_implementation("eager")
+    sampler = PromptSampler(steered, sampling)
+    sampler.fix_width(prompts)
+    return sampler
+
+
+def base_and_steered(sampler: PromptSampler, prompts: list[Prompt]) -> tuple[list[list[str]], list[list[str]]]:
+    """The continuations of each prompt by the base model (alpha 0) and by the steered model (its alpha)."""
+    steered = sampler.steered
     strength = steered.alpha
-    steered_out = sampler(chosen).texts
+    steered_texts = sampler(prompts).texts
     steered.alpha = 0.0
-    base_out = sampler(chosen).texts
-    print(f"{'base':<{width}} | steered (alpha={strength:g})")
+    try:
+        base = sampler(prompts).texts
+    finally:
+        steered.alpha = strength
+    return base, steered_texts
+
+
+def print_side_by_side(prompts: list[Prompt], base: list[list[str]], steered: list[list[str]], alpha: float,
+                       width: int) -> None:
+    """A two-column table: each prompt, then its base and steered continuations side by side, wrapped to `width`."""
+    print(f"{'base':<{width}} | steered (alpha={alpha:g})")
     print(f"{'-' * width}-+-{'-' * width}")
-    for item, bases, steers in zip(chosen, base_out, steered_out):
+    for item, bases, steers in zip(prompts, base, steered):
         print(f"PROMPT: {item.text}")
-        for base, steer in zip(bases, steers):
-            left = textwrap.wrap(base.strip().replace("\n", " "), width) or [""]
-            right = textwrap.wrap(steer.strip().replace("\n", " "), width) or [""]
+        for left_text, right_text in zip(bases, steers):
+            left = textwrap.wrap(left_text.strip().replace("\n", " "), width) or [""]
+            right = textwrap.wrap(right_text.strip().replace("\n", " "), width) or [""]
             for i in range(max(len(left), len(right))):
                 a = left[i] if i < len(left) else ""
                 b = right[i] if i < len(right) else ""
                 print(f"{a:<{width}} | {b}")
         print()
-    return {"prompts": [p.text for p in chosen], "base": base_out, "steered": steered_out}
 
 
+# ---- compare -------------------------------------------------------------------------------------------------------
 def compare(results: list[str], labels: list[str] | None = None, plot: str | None = None) -> None:
     """Put several evaluations side by side, and plot toxicity against perplexity (the paper's Figure 2).
 
@@ -133,6 +148,7 @@ def compare(results: list[str], labels: list[str] | None = None, plot: str | Non
         print(f"\nplot: {plot}")
 
 
+# ---- fit and test --------------------------------------------------------------------------------------------------
 class DeSteinCLI(LightningCLI):
     """LightningCLI with calibration's defaults, and checkpoints that are only ever loaded as tensors."""
 
@@ -150,9 +166,9 @@ class DeSteinCLI(LightningCLI):
         if not self.config.get("subcommand"):
             return
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
-        if ckpt_path and "://" not in str(ckpt_path) and not str(ckpt_path).endswith(".safetensors"):
-            if ckpt_path not in ("last", "best", "hpc", "registry"):
-                load_checkpoint_file(ckpt_path)
+        local = ckpt_path and "://" not in str(ckpt_path) and not str(ckpt_path).endswith(".safetensors")
+        if local and ckpt_path not in ("last", "best", "hpc", "registry"):
+            load_checkpoint_file(ckpt_path)
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -164,70 +180,137 @@ class DeSteinCLI(LightningCLI):
         if str(ckpt_path).endswith(".safetensors"):  # the plain export: applied here, Lightning has no part in it
             self.model.configure_model()
             tensors, metadata = read_checkpoint(ckpt_path)
-            apply_checkpoint_state(self.model.steered, tensors, metadata, ckpt_path)
+            self.model.steered.load_steering(tensors, metadata, ckpt_path)
             kwargs["ckpt_path"] = None
         return kwargs
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """`fit` and `test` only: DeStein has no validation or prediction step."""
+        return {verb: skip for verb, skip in LightningCLI.subcommands().items() if verb in LIGHTNING_VERBS}
 
-EXTRA_COMMANDS = {"generate": generate, "compare": compare, "induce": induce, "export": export}
+
+VERBS = {
+    "fit": "calibrate steering vectors on pairs (LightningCLI)",
+    "test": "evaluate a steered model on prompts (LightningCLI)",
+    "generate": "continue prompts with the base and the steered model, side by side",
+    "compare": "put evaluations side by side, and plot toxicity against perplexity",
+    "induce": "mine steering pairs from the model itself",
+    "export": "fold a steering checkpoint into its base model, for engines without destein-pl",
+}
+"""Every verb of `destein`, with what `destein --help` says it does."""
+LIGHTNING_VERBS = ("fit", "test")
+FUNCTION_VERBS: dict[str, Callable] = {"generate": generate, "compare": compare, "induce": induce, "export": export}
+USER_ERRORS = (ValueError, OSError, ImportError, ScorerUnavailableError)
+"""What destein-pl raises when it refuses bad input (a CheckpointError is a ValueError)."""
+PACKAGE = Path(__file__).resolve().parents[1]
 
 
+# ---- parsing the function verbs ------------------------------------------------------------------------------------
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
     """Keeps the line breaks of the plugin lists at the end of `--help`."""
 
 
-def _epilog(command: str) -> str | None:
-    """The scorer and rewriter options a command's `--help` ends with."""
-    scorers = describe_plugins(SCORERS, "--model.evaluation.scorer" if command == "test" else "--scorer")
-    return {"test": scorers, "induce": scorers + "\n\n" + describe_plugins(REWRITERS, "--rewriter")}.get(command)
+def _epilog(verb: str) -> str | None:
+    """The scorer and rewriter options a verb's `--help` ends with."""
+    scorers = describe_plugins(SCORERS, "--model.evaluation.scorer" if verb == "test" else "--scorer")
+    return {"test": scorers, "induce": scorers + "\n\n" + describe_plugins(REWRITERS, "--rewriter")}.get(verb)
 
 
-def _is_list(annotation: Any) -> bool:
-    return typing.get_origin(annotation) is list or any(typing.get_origin(a) is list
-                                                         for a in typing.get_args(annotation))
-
-
-def gather_lists(function: Callable, args: list[str]) -> list[str]:
-    """Let a list parameter take several values, as a shell user writes them: leading words for the first
-    parameter (`compare A B`), `--labels x y`, or a repeated option (`--prompt a --prompt b`); they are handed to
-    jsonargparse as one JSON list. A value already written as a JSON list passes unchanged."""
+def list_parameters(function: Callable) -> dict[str, tuple[type, Any]]:
+    """{name: (item type, default)} of the parameters of `function` that take a list."""
     hints = typing.get_type_hints(function)
-    params = list(inspect.signature(function).parameters)
-    lists = {name for name in params if _is_list(hints.get(name))}
-    gathered: dict[str, list[str]] = {}
-    rest: list[str] = []
-    current = params[0] if params and params[0] in lists else None
-    for arg in args:
-        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
-        if name is not None:
-            current = name if name in lists and "=" not in arg else None
-            if current is None:
-                rest.append(arg)
-            continue
-        if current is not None and not arg.startswith("["):
-            gathered.setdefault(current, []).append(arg)
+    found = {}
+    for name, parameter in inspect.signature(function).parameters.items():
+        lists = [t for t in (hints.get(name), *typing.get_args(hints.get(name))) if typing.get_origin(t) is list]
+        if lists:
+            found[name] = (typing.get_args(lists[0])[0], parameter.default)
+    return found
+
+
+def function_parser(verb: str, function: Callable) -> ArgumentParser:
+    """The parser of a function verb: each parameter an option, except that a required list is positional
+    (`compare A B`), and that a list takes several values (`--labels x y`, or `--prompt a --prompt b`)."""
+    doc = docstring_parser.parse(inspect.getdoc(function) or "")
+    parser = ArgumentParser(prog=f"destein {verb}", description=doc.short_description, epilog=_epilog(verb),
+                            formatter_class=_HelpFormatter)
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of options.")
+    lists = list_parameters(function)
+    parser.add_function_arguments(function, skip=set(lists), as_group=False, fail_untyped=True, sub_configs=True)
+    described = {p.arg_name: p.description for p in doc.params}
+    for name, (item, default) in lists.items():
+        if default is inspect.Parameter.empty:
+            parser.add_argument(name, type=item, nargs="+", help=described.get(name))
         else:
-            rest.append(arg)
-    lead = [json.dumps(gathered.pop(params[0]))] if params and params[0] in gathered else []
-    return lead + rest + [item for name, values in gathered.items() for item in (f"--{name}", json.dumps(values))]
+            parser.add_argument(f"--{name}", type=item, nargs="+", action="extend", default=default,
+                                help=described.get(name))
+    return parser
+
+
+def run_function_verb(verb: str, args: list[str]) -> Any:
+    """Parse `args` for a function verb and call it."""
+    parser = function_parser(verb, FUNCTION_VERBS[verb])
+    options = parser.instantiate(parser.parse_args(args))
+    options.pop("config", None)
+    return FUNCTION_VERBS[verb](**options)
+
+
+# ---- the command ---------------------------------------------------------------------------------------------------
+def overview() -> str:
+    """What `destein --help` prints: every verb with a line on what it does."""
+    lines = [f"  {verb:<9} {text}" for verb, text in VERBS.items()]
+    return "\n".join(["usage: destein VERB [OPTIONS]   (`destein VERB --help` lists a verb's options)", "", "verbs:",
+                      *lines])
+
+
+def unknown_verb(verb: str) -> str:
+    """The error for a verb that does not exist: all verbs, and the closest one."""
+    close = difflib.get_close_matches(verb, VERBS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown verb '{verb}'{hint}; the verbs are {', '.join(VERBS)}"
+
+
+def raised_by_library(error: BaseException) -> bool:
+    """Whether `error` was raised by destein-pl's own code (a refusal of bad input) rather than inside a
+    dependency."""
+    trace = error.__traceback__
+    while trace is not None and trace.tb_next is not None:
+        trace = trace.tb_next
+    return trace is not None and Path(trace.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE)
+
+
+def fail(verb: str | None, message: str) -> typing.NoReturn:
+    """End the command as argparse does on a usage error: one line on stderr, exit code 2."""
+    one_line = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    print(f"destein{f' {verb}' if verb else ''}: error: {one_line}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
+    """The `destein` console script: run the verb `argv` (default: the command line) names."""
+    args = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("destein_pl").setLevel(logging.INFO)
     if not args or args[0] in ("-h", "--help"):
-        print("destein: fit (calibrate), test (evaluate), validate, predict (LightningCLI); generate, compare, induce, "
-              "export (see `destein VERB --help`)\n")
-    if args and args[0] in EXTRA_COMMANDS:
-        command = EXTRA_COMMANDS[args[0]]
-        jsonargparse.CLI(command, args=gather_lists(command, args[1:]), prog=f"destein {args[0]}",
-                         as_positional=command is compare,  # `compare A B`; elsewhere `--name value`
-                         epilog=_epilog(args[0]), formatter_class=_HelpFormatter)
-        return
-    DeSteinCLI(DeSteinModule, DeSteinDataModule, save_config_kwargs={"overwrite": True}, args=argv,
-               parser_kwargs={"formatter_class": _HelpFormatter,
-                              "test": {"epilog": _epilog("test"), "formatter_class": _HelpFormatter}})
+        print(overview(), file=sys.stdout if args else sys.stderr)
+        raise SystemExit(0 if args else 2)
+    if args[0].startswith("-"):  # LightningCLI's own options may come before its verb: `--config c.yaml fit`
+        verb = next((a for a in args if a in LIGHTNING_VERBS), None)
+    elif args[0] in VERBS:
+        verb = args[0]
+    else:
+        fail(None, unknown_verb(args[0]))
+    try:
+        if verb in FUNCTION_VERBS:
+            run_function_verb(verb, args[1:])
+        else:
+            DeSteinCLI(DeSteinModule, DeSteinDataModule, save_config_kwargs={"overwrite": True}, args=argv,
+                       parser_kwargs={"formatter_class": _HelpFormatter,
+                                      "test": {"epilog": _epilog("test"), "formatter_class": _HelpFormatter}})
+    except USER_ERRORS as error:
+        if not raised_by_library(error):
+            raise
+        fail(verb, str(error))
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ class DeSteinModule(L.LightningModule):
             return
         strategy = self._trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, FSDPStrategy):
-            raise TypeError("Lightning's `fsdp` strategy would gather the whole model at once; use "
+            raise ValueError("Lightning's `fsdp` strategy would gather the whole model at once; use "
                             "--trainer.strategy destein_fsdp (one FSDP2 unit per decoder layer)")
         base, dtype = self.hparams.base_model, self.hparams.dtype
         if isinstance(strategy, DeSteinFSDPStrategy):

@@ -1,0 +1,168 @@
+"""Every benchmark, in the order of `docs/BENCHMARKS.md`: what it answers, the results file it writes, the options
+of its standard run (what `make bench` runs, and what made the committed file) and of its quick run (seconds: what
+the tests run), grouped into the page's sections with the note that says what each section answers.
+
+A benchmark `NAME` is the module `benchmarks.NAME`, which declares its options (`add_options(parser)`) and runs
+(`run(args, results)`); nothing else about it is written anywhere but here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark: `python -m benchmarks <name> [options]`."""
+
+    name: str
+    """Its command name, and its module under `benchmarks/`."""
+    description: str
+    """What it answers, in one line."""
+    output: str
+    """Its results file under `docs/results/`, without `.md`; `{option}` fields are filled from the parsed options
+    (e.g. `claims-n{per_subset}-s{samples}`)."""
+    standard: tuple[str, ...] = ("",)
+    """The options of each standard run: what `make bench` runs, and what made the committed results file."""
+    quick: str = ""
+    """The options of the quick run (`--quick`, seconds): `{runs}` is the run's folder for stored runs, `{tiny}` a
+    tiny random model with the embedded model's tokenizer and `{tiny_ckpt}` a steering checkpoint for it
+    (`benchmarks.tiny`)."""
+    needs: tuple[str, ...] = ()
+    """Benchmarks whose stored runs its quick run reads (they run first)."""
+    gpu: bool = False
+    """Its standard run needs a CUDA GPU: `make bench` skips it on a machine without one."""
+
+
+@dataclass(frozen=True)
+class Section:
+    """A section of `docs/BENCHMARKS.md`: a title, the note that says what it answers, and its benchmarks."""
+
+    title: str
+    note: str
+    benchmarks: tuple[Benchmark, ...]
+
+
+SECTIONS: tuple[Section, ...] = (
+    Section(
+        "The paper's claims",
+        "Each ablation of the paper, rerun on SmolLM2-135M with the development protocol of `benchmarks/frontier.py` "
+        "(reduced to the first 50 + 50 prompts of its tune sample and 10 continuations, so that every setting fits "
+        "in minutes here). The verdicts come from a paired bootstrap over prompts; \"not detectable at this size\" "
+        "means the 95% interval of the difference includes 0. Read against the paper: the top half of the heads "
+        "beats the bottom half, as in the paper's Table 11, and more pairs than 20 do not help, as in its Table 9; "
+        "but here 5 pairs already do as well as 20, where the paper's m = 5 is clearly worse. The paper's other gaps "
+        "do not show at this size: probe weights against uniform ones, parallel against non-parallel pairs, and, "
+        "plainly against the paper, self-induced against universal ParaDetox pairs (its EMT 0.203 against 0.327 "
+        "becomes no detectable difference here, with the self-induced pairs costing more perplexity). One alpha for "
+        "every setting mixes strength with direction: uniform weights steer harder than probe weights, and pay for "
+        "it in perplexity.",
+        (Benchmark("claims", "the paper's ablations: head weights, top/bottom heads, m, parallel and self-induced "
+                   "pairs, fusion", "claims-n{per_subset}-s{samples}", ("--samples 10 --per-subset 50",),
+                   "--model {tiny} --samples 1 --tokens 2 --per-subset 1 --only base destein m5 m10 m20 m80"),)),
+    Section(
+        "Choosing alpha",
+        "The steering strength of the shipped 40-pair checkpoint, swept on toxic RealToxicityPrompts prompts with "
+        "the paper's protocol: `configs/smollm2-135m.yaml` takes the strongest alpha that cuts EMT by at least 40% "
+        "with perplexity at most 50% above the base model's.",
+        (Benchmark("alpha_sweep", "EMT and perplexity of the shipped checkpoint over alphas (table and plot)",
+                   "alpha_sweep", quick="--ckpt {tiny_ckpt} --n 1 --samples 1 --tokens 2 --alphas 0 1.3"),)),
+    Section(
+        "Fusion variants, the gate and the pairs: the quality frontier",
+        "The published-code fusion against the paper's, the probe gate, and self-induced pairs against universal "
+        "ones, from `benchmarks/frontier.py` (the README's \"Gating and fusion variants\" section discusses them), "
+        "and how well the gate's probe score separates toxic from non-toxic prompts.",
+        (Benchmark("frontier", "the quality frontier of fusion variants, gate and pairs on the development protocol",
+                   "frontier-{split}-n{per_subset}-s{samples}",
+                   ("--samples 10 --only base paper-a0.9 paper-a1.3 smooth-paper-a1.3 smooth-paper-a1.8",
+                    "--split report --samples 10 --only base paper-a1.3 shipped",
+                    "--samples 10 --per-subset 25 --only base hard-paper-a1.8 norm_preserving-a1.3 norm_preserving-a2 "
+                    "pairs-paradetox-40-a1.3 pairs-self-induced-fewshot-a1.3 pairs-self-induced-lexical-a1.3 "
+                    "paper-a0.9 paper-a1.3 paper-a1.8 published-a0.1 published-a0.3 smooth-paper-a1.3 "
+                    "smooth-paper-a1.8"),
+                   "--samples 1 --tokens 2 --per-subset 1 --only base pairs-paradetox-40-a1.3"),
+         Benchmark("gate_scores", "how well the gate's probe score separates toxic from non-toxic prompts (AUROC, "
+                   "threshold)", "gate_scores-{split}", ("", "--split report"),
+                   "--per-subset 2 --checkpoints paradetox-1000"))),
+    Section(
+        "Scorer fidelity",
+        "How well each offline scorer agrees with Perspective on the 2,000 RealToxicityPrompts prompts, and whether "
+        "the EMT drop survives rescoring by a second scorer (a classifier built here from the embedded model, since "
+        "no model hub is reachable).",
+        (Benchmark("scorer_classifier", "the second offline scorer: a ParaDetox classifier on the embedded model, "
+                   "with its held-out AUROC", "scorer_classifier",
+                   quick="--base-model {tiny} --pairs 10 --out {runs}/classifiers/tiny"),
+         Benchmark("scorer_fidelity", "offline scorers against Perspective: AUROC, Spearman rho, texts/s",
+                   "scorer_fidelity", ("--threads 1",),
+                   "--classifier {runs}/classifiers/tiny --limit 5 --repeats 1", needs=("scorer_classifier",)),
+         Benchmark("scorer_rescore", "the EMT drop of stored evaluation runs under the second scorer",
+                   "scorer_rescore",
+                   ("runs/claims/tune-n50-s10/base runs/claims/tune-n50-s10/destein "
+                    "runs/claims/tune-n50-s10/self-induced-parallel runs/claims/tune-n50-s10/published-a0.3 "
+                    "--threads 2",),
+                   "{runs}/claims/tune-n1-s1-t2/base {runs}/claims/tune-n1-s1-t2/destein "
+                   "--classifier {runs}/classifiers/tiny",
+                   needs=("claims", "scorer_classifier")))),
+    Section(
+        "Self-induced pairs: the rewriter",
+        "The `self` rewriter of `destein induce` on the embedded model: the paper's instruction against few-shot "
+        "ParaDetox demonstrations, by how many rewrites come back, keep the source's content, turn non-toxic and "
+        "pass the pipeline's filters.",
+        (Benchmark("self_rewriter", "the `self` rewriter's modes: instruction against few-shot demonstrations",
+                   "self_rewriter",
+                   quick="--model {tiny} --n 1 --examples 1 --num-candidates 1 --num-demonstrations 2"),)),
+    Section(
+        "Speed and how cost grows",
+        "Loading the embedded model, generation with steering live and folded into a bias (on both cores, nothing "
+        "else running), the evaluation sampler against Hugging Face `generate`, where evaluation time goes, "
+        "calibration throughput, and the time of calibration and evaluation as they grow. The evaluation and "
+        "calibration tables, and the memory table's wall times, ran on one thread while another one-thread "
+        "benchmark used the second core; each ratio is measured within one run, its parts in turn.",
+        (Benchmark("load_speed", "load time of the embedded model (cold and cached), generation with and without "
+                   "steering", "load_speed",
+                   quick="--ckpt {tiny_ckpt} --tokens 2 --batch 1 --repeats 1"),
+         Benchmark("fold_speed", "generation of the base, live-steered and folded models", "generation_speed",
+                   ("--threads 2 --repeats 9",), "--ckpt {tiny_ckpt} --tokens 2 --repeats 1"),
+         Benchmark("evaluation_cost", "the sampler against `generate`, where evaluation time goes, its growth with "
+                   "prompts", "evaluation_cost", ("--threads 1",),
+                   "--ckpt {tiny_ckpt} --samples 2 --tokens 2 --repeats 1 --sampler-prompts 1 --split-prompts 1 "
+                   "--sizes 1 2 "
+                   "--growth-samples 1 --growth-repeats 1"),
+         Benchmark("calibration_cost", "recording batched against one text at a time, probes, growth with m",
+                   "calibration_cost", ("--threads 1 --check-m 1000",),
+                   "--model {tiny} --pairs 10 --repeats 1 --sizes 10 12 --size-repeats 1"))),
+    Section(
+        "Memory",
+        "The steering state and checkpoint against the paper's Table 8, the peak memory of `fit` and `test`, and the "
+        "memory per GPU that the multi-GPU configs need, from the models' shapes.",
+        (Benchmark("memory", "steering state, checkpoint files against the paper's Table 8, peak memory of fit and "
+                   "test", "memory", ("--threads 1",), "--processes import --repeats 1"),
+         Benchmark("memory_table", "expected memory per GPU of the multi-GPU configs, from the model shapes",
+                   "memory_table"))),
+    Section(
+        "Several processes and GPUs",
+        "The embedded model sharded over two CPU processes, with and without resharding after each forward pass, and "
+        "what a GPU changes: steering, folding and the sampler on the device.",
+        (Benchmark("fsdp_reshard", "generation speed and peak memory of FSDP with and without "
+                   "reshard_after_forward (2 CPU processes)", "fsdp_reshard",
+                   quick="--model {tiny} --prompts 1 --samples 1 --tokens 2 --repeats 1"),
+         Benchmark("gpu_check", "what a GPU changes: steering exactness, `destein test` in bfloat16, sampler speed, "
+                   "batch invariance", "gpu_check", quick="--device cpu --ckpt {tiny_ckpt} --test-prompts 1 "
+                   "--samples 1 --tokens 1 --repeats 1", gpu=True))),
+    Section(
+        "Serving the exported model",
+        "What stock engines make of `destein export`: the Hugging Face folder in the transformers 4.x that serving "
+        "stacks still pin, against the live steered model.",
+        (Benchmark("export_compat", "an exported folder in transformers 4.x: logits and greedy text against live "
+                   "steering", "export_compat", quick="--ckpt {tiny_ckpt} --python current --tokens 2"),)),
+)
+
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for section in SECTIONS for b in section.benchmarks}
+
+
+def benchmark(name: str) -> Benchmark:
+    """The benchmark called `name`; an error listing them all when there is none."""
+    if name not in BENCHMARKS:
+        raise SystemExit(f"no benchmark named {name!r}; the benchmarks are {', '.join(BENCHMARKS)} "
+                         f"(`python -m benchmarks` lists them)")
+    return BENCHMARKS[name]

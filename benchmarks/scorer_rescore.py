@@ -1,0 +1,146 @@
+"""Headline EMT drop under a second scorer: evaluation runs (folders `evaluate()` wrote: results.json,
+alpha_<a>/generations.jsonl) rescored by the classifier `python -m benchmarks scorer_classifier` builds: EMT per
+subset under the stored scorer and under the classifier, and each steered run's change against the base run (the
+first folder's first alpha) under both. Writes `docs/results/scorer_rescore.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.results import Results, shown
+from benchmarks.scorer_classifier import CLASSIFIER, NOT_INDEPENDENT, held_out_note
+from destein_pl.evaluation.scorers import HFClassifierScorer
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", type=Path, help="evaluation folders, the base model's first")
+    parser.add_argument("--classifier", type=Path, default=None,
+                        help=f"the classifier's folder (default: runs/{CLASSIFIER})")
+    parser.add_argument("--batch-size", type=int, default=32, help="texts per classifier forward pass")
+
+
+def read_run(folder: Path) -> list[dict[str, Any]]:
+    """Every alpha of an evaluation folder: its stored metrics, scorer and records (in prompt order)."""
+    from destein_pl.evaluation.runs import read_generations
+
+    path = folder / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"{folder}: no results.json; expected a folder written by evaluate()")
+    data = json.loads(path.read_text())
+    runs = []
+    for run in data["runs"]:
+        records = read_generations(folder / f"alpha_{run['alpha']:g}")
+        if not records:
+            raise SystemExit(f"{folder}: no generations for alpha {run['alpha']:g}")
+        runs.append({"label": f"{folder.name}, alpha {run['alpha']:g}", "alpha": run["alpha"],
+                     "metrics": run["metrics"], "scorer": data.get("scorer", {}).get("name", "unknown"),
+                     "records": sorted(records.values(), key=lambda r: r["index"])})
+    return runs
+
+
+def subset_emt(records: list[dict[str, Any]], scores: list[list[float | None]], subset: str) -> tuple[float, int]:
+    """EMT of the records of a subset (`toxic`, `nontoxic`, `all`) by the library's metric, and its prompts."""
+    from destein_pl.evaluation.metrics import ExpectedMaxToxicity
+    from destein_pl.evaluation.prompts import Prompt
+
+    rows = [i for i, r in enumerate(records)
+            if subset == "all" or Prompt(r["id"], r["prompt"], r["prompt_toxicity"]).subset == subset]
+    if not rows:
+        return math.nan, 0
+    metric = ExpectedMaxToxicity()
+    values = torch.tensor([[math.nan if v is None else v for v in scores[i]] for i in rows], dtype=torch.float64)
+    metric.update(torch.tensor(rows), values)
+    return float(metric.compute()), len(rows)
+
+
+def classifier_scores(scorer: HFClassifierScorer, records: list[dict[str, Any]]) -> tuple[list[list[float]], int]:
+    """The classifier's toxicity of every continuation, per record. An empty (or whitespace) continuation has no
+    token for the classifier to read: it scores 0, as Perspective scores it; returns how many there were. Texts go
+    to the scorer sorted by length (less padding; with right padding a text's score does not depend on its batch)."""
+    texts = [t for r in records for t in r["continuations"]]
+    filled = sorted((i for i, t in enumerate(texts) if t.strip()), key=lambda i: len(texts[i]))
+    flat = [0.0] * len(texts)
+    for i, value in zip(filled, scorer.score([texts[i] for i in filled])):
+        flat[i] = value
+    out, start = [], 0
+    for r in records:
+        out.append(flat[start : start + len(r["continuations"])])
+        start += len(r["continuations"])
+    return out, len(texts) - len(filled)
+
+
+def change(value: float, base: float) -> str:
+    return "" if base == 0 or math.isnan(base) else f"{100 * (value / base - 1):+.1f}%"
+
+
+def run(args: argparse.Namespace, results: Results) -> None:
+    """EMT of each run and subset under the stored scorer and under the classifier, and each steered run's
+    change against the base run (the first run of the first folder) under both."""
+    from scipy.stats import spearmanr
+
+    folders, classifier, batch_size = args.runs, args.classifier or results.runs / CLASSIFIER, args.batch_size
+    if not (classifier / "config.json").is_file():
+        raise SystemExit(f"no classifier at {shown(classifier)}: build it with `python -m benchmarks "
+                         f"scorer_classifier` (no model hub is reachable here, so no published classifier can be used)")
+    runs = [one for folder in folders for one in read_run(folder)]
+    ids = [r["id"] for r in runs[0]["records"]]
+    for evaluation in runs[1:]:
+        if [r["id"] for r in evaluation["records"]] != ids:
+            raise SystemExit(f"{evaluation['label']}: other prompts than {runs[0]['label']}; EMT changes need "
+                             f"the same prompts")
+    scorer = HFClassifierScorer(model=str(classifier), batch_size=batch_size, device="cpu")
+    scorer.setup()  # the model load is not part of the rescoring rate
+    pairs_stored, pairs_classifier, empty, started = [], [], 0, time.perf_counter()
+    for evaluation in runs:
+        evaluation["stored"] = [r["toxicity"] for r in evaluation["records"]]
+        evaluation["classifier"], blank = classifier_scores(scorer, evaluation["records"])
+        empty += blank
+        for stored, ours in zip(evaluation["stored"], evaluation["classifier"]):
+            pairs_stored += [s for s, _ in zip(stored, ours) if s is not None]
+            pairs_classifier += [c for s, c in zip(stored, ours) if s is not None]
+        for subset in ("toxic", "nontoxic"):  # the stored EMT must come out of the stored scores again
+            recomputed, _ = subset_emt(evaluation["records"], evaluation["stored"], subset)
+            stored_emt = evaluation["metrics"][subset]["emt"]
+            if not (math.isnan(recomputed) and stored_emt is None) and abs(recomputed - stored_emt) > 1e-6:
+                raise SystemExit(f"{evaluation['label']}: stored {subset} EMT {stored_emt} but its scores give "
+                                 f"{recomputed}")
+        print(f"{evaluation['label']}: rescored", flush=True)
+    seconds = time.perf_counter() - started
+    continuations = sum(len(t) for evaluation in runs for t in evaluation["classifier"])
+
+    base = runs[0]
+    if base["alpha"] != 0:
+        print(f"note: the base run {base['label']} is steered (alpha {base['alpha']:g}); changes are against it")
+    stored_name = " / ".join(sorted({evaluation["scorer"] for evaluation in runs}))
+    lines = [f"| run | subset | prompts | EMT, {stored_name} | change vs base | EMT, hf-classifier | change vs base |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for subset in ("toxic", "nontoxic"):
+        base_stored, _ = subset_emt(base["records"], base["stored"], subset)
+        base_ours, _ = subset_emt(base["records"], base["classifier"], subset)
+        for evaluation in runs:
+            stored, count = subset_emt(evaluation["records"], evaluation["stored"], subset)
+            ours, _ = subset_emt(evaluation["records"], evaluation["classifier"], subset)
+            if count:
+                lines.append(f"| {evaluation['label']} | {subset} | {count} | {stored:.3f} | "
+                             f"{'base' if evaluation is base else change(stored, base_stored)} | {ours:.3f} | "
+                             f"{'base' if evaluation is base else change(ours, base_ours)} |")
+    rho = spearmanr(pairs_stored, pairs_classifier).statistic
+    body = (f"Continuations of {len(runs)} runs on the same {len(ids)} prompts "
+            f"({', '.join(f'`{shown(f)}`' for f in folders)}), EMT (mean over prompts of the most toxic of their "
+            f"continuations) under the scorer the runs stored ({stored_name}) and rescored by hf-classifier "
+            f"(`{shown(classifier)}`{held_out_note(classifier)}); changes are against the base run "
+            f"({base['label']}). Subsets by prompt toxicity (Perspective) >= 0.5.\n\n" + "\n".join(lines)
+            + f"\n\nAgreement of the two scorers on the {len(pairs_stored)} scored continuations: Spearman rho "
+            f"{rho:.3f}. {empty or 'No'} empty continuations (they count as 0 under the classifier, as Perspective "
+            f"scores them). "
+            f"Rescoring: {continuations} continuations in {seconds:.0f} s "
+            f"({continuations / seconds:.0f} texts/s, batches of {batch_size}). {NOT_INDEPENDENT}")
+    results.write("scorer_rescore", "Headline EMT drop under a second scorer", body)

@@ -1,0 +1,227 @@
+"""The benchmarks: every registry entry runs at its quick size (into a temporary folder, never `docs/results/`), so
+that a broken benchmark fails here; the runner, the shared timer and the results writer; the committed results
+name the runner command that writes them; and the results page and the docs' generated blocks are up to date."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+import types
+from pathlib import Path
+
+import pytest
+
+from benchmarks import options, results_page
+from benchmarks.registry import BENCHMARKS, Benchmark
+from benchmarks.results import RESULTS, Results
+from benchmarks.runner import listing, main, run
+from benchmarks.timing import in_turn, rotated, spread
+
+EMBEDDED = {"frontier", "gate_scores", "memory"}
+"""The benchmarks whose quick run loads the real embedded model (the others use a tiny one, or none)."""
+HEADER = re.compile(r"## .+\n\n`(?P<command>[^`]+)` on (?P<machine>.+)\.\n\n")
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def quick_folder(tmp_path_factory) -> Path:
+    """One folder for every quick run of this module, so that a run reads what the runs it needs stored there."""
+    return tmp_path_factory.mktemp("benchmarks-quick")
+
+
+_written: dict[str, Path] = {}
+
+
+def quick(name: str, folder: Path) -> Path:
+    """The results file of a benchmark's quick run into `folder`, after those of the benchmarks it needs (once
+    each)."""
+    for needed in BENCHMARKS[name].needs:
+        quick(needed, folder)
+    if name not in _written:
+        _written[name] = run(BENCHMARKS[name], ["--quick", "--output-dir", str(folder)])
+    return _written[name]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] * (n in EMBEDDED)) for n in BENCHMARKS])
+def test_quick_run_writes_its_results_file_into_the_output_folder(name, quick_folder):
+    committed = digest(RESULTS)
+    path = quick(name, quick_folder)
+    assert digest(RESULTS) == committed, "a quick run changed docs/results/"
+    assert path.parent == quick_folder and path.suffix == ".md"
+    header = HEADER.match(path.read_text())
+    assert header, f"{path.name} lacks the heading, command line and machine line"
+    assert header["command"].startswith(f"python -m benchmarks {name}")
+    assert "--output-dir" not in header["command"]
+
+
+def test_the_embedded_model_marks_name_benchmarks():
+    assert EMBEDDED <= set(BENCHMARKS)
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS.glob("*.md")), ids=lambda p: p.name)
+def test_committed_results_name_the_runner_command_that_writes_them(path):
+    header = HEADER.match(path.read_text())
+    assert header, f"{path.name} lacks the heading, command line and machine line"
+    argv = shlex.split(header["command"])
+    assert argv[:3] == ["python", "-m", "benchmarks"] and argv[3] in BENCHMARKS, header["command"]
+    bench = BENCHMARKS[argv[3]]
+    assert options.output_name(bench, options.parser(bench).parse_args(argv[4:])) == path.stem
+
+
+def test_every_committed_result_is_a_standard_run_on_the_page():
+    standard = {name for bench in BENCHMARKS.values() for _, name in options.standard_runs(bench)}
+    assert {p.stem for p in RESULTS.glob("*.md")} <= standard
+
+
+def test_docs_show_the_results_files_as_they_are():
+    assert results_page.stale_blocks() == [], "run `python -m benchmarks page`"
+
+
+# ---- the runner ------------------------------------------------------------------------------------------------
+
+def test_listing_names_every_benchmark_and_its_results_file(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out == listing() + "\n"
+    for bench in BENCHMARKS.values():
+        assert re.search(rf"^  {bench.name} +{re.escape(bench.description)}$", out, re.M)
+        assert f"-> docs/results/{bench.output}.md" in out
+
+
+def test_no_benchmark_takes_a_name_of_the_runner():
+    assert not {"list", "standard", "page", "-h", "--help"} & set(BENCHMARKS)
+
+
+def test_standard_runs_every_standard_run_goes_on_after_a_failure_then_writes_the_page(monkeypatch):
+    import benchmarks.runner as runner
+
+    ran, pages = [], []
+
+    def fake_run(bench, argv):
+        ran.append((bench.name, argv))
+        if bench.name == "claims":
+            raise SystemExit("an input is missing")
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    monkeypatch.setattr(runner.results_page, "write_page", lambda: pages.append(1) or [])
+    monkeypatch.setattr(runner.torch.cuda, "is_available", lambda: False)
+    assert runner.standard() == 1
+    assert pages == [1]
+    expected = [(b.name, argv) for b in BENCHMARKS.values() if not b.gpu for argv, _ in options.standard_runs(b)]
+    assert ran == expected and ran[0][0] == "claims"
+    assert ("frontier", ["--split", "report", "--samples", "10", "--only", "base", "paper-a1.3", "shipped"]) in ran
+    assert "gpu_check" not in {name for name, _ in ran}
+
+
+def test_an_unknown_benchmark_is_refused_with_the_known_ones():
+    with pytest.raises(SystemExit, match="no benchmark named 'nope'.*claims"):
+        main(["nope"])
+
+
+def test_the_shown_command_leaves_the_output_folder_out():
+    bench = BENCHMARKS["fold_speed"]
+    assert options.command(bench, ["--quick", "--output-dir", "/x", "--repeats", "2", "--output-dir=/y"]) == \
+        "python -m benchmarks fold_speed --quick --repeats 2"
+
+
+def test_quick_options_come_first_and_fill_the_runs_folder(tmp_path):
+    bench = BENCHMARKS["scorer_rescore"]
+    argv = options.expanded(bench, ["--quick", "--batch-size", "3"], tmp_path)
+    args = options.parser(bench).parse_args(argv)
+    assert args.runs[0] == tmp_path / "claims" / "tune-n1-s1-t2" / "base"
+    assert args.batch_size == 3 and args.quick
+    assert options.expanded(bench, ["--batch-size", "3"], tmp_path) == ["--batch-size", "3"]
+
+
+def test_a_run_that_misses_its_declared_file_fails(monkeypatch, tmp_path):
+    fake = types.SimpleNamespace(__doc__="A fake.", add_options=lambda parser: None,
+                                 run=lambda args, results: results.write("other", "Other", "body"))
+    monkeypatch.setattr(options, "module", lambda bench: fake)
+    with pytest.raises(RuntimeError, match="did not write its declared results file .*declared.md"):
+        run(Benchmark("fake", "a fake", "declared"), ["--output-dir", str(tmp_path)])
+    assert (tmp_path / "other.md").is_file()
+
+
+# ---- the timer and the writer ------------------------------------------------------------------------------------
+
+def test_in_turn_warms_up_then_rotates_the_order():
+    calls = []
+    variants = {name: (lambda n=name: calls.append(n) or n.upper()) for name in "abc"}
+    runs = in_turn(variants, 4)
+    assert "".join(calls) == "abc" + "abc" + "bca" + "cab" + "abc"
+    assert {name: [t.value for t in timings] for name, timings in runs.items()} == \
+        {"a": ["A"] * 4, "b": ["B"] * 4, "c": ["C"] * 4}
+    assert all(t.seconds >= 0 for timings in runs.values() for t in timings)
+    calls.clear()
+    in_turn(variants, 1, warm_up=lambda: calls.append("w"))
+    assert "".join(calls) == "wabc"
+    calls.clear()
+    in_turn(variants, 2, warm_up=False)
+    assert "".join(calls) == "abcbca"
+
+
+def test_rotated_and_spread():
+    assert rotated([1, 2, 3], 4) == [2, 3, 1]
+    assert spread([3.0, 1.0, 2.0], 1) == "2.0 (1.0 - 3.0)"
+
+
+def test_results_are_written_whole_under_their_command_and_machine(tmp_path, capsys):
+    results = Results.at(tmp_path, "python -m benchmarks x")
+    path = results.write("x", "Title", "\nbody\n")
+    text = path.read_text()
+    assert HEADER.match(text)["command"] == "python -m benchmarks x"
+    assert text.endswith("\n\nbody\n") and text in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["x.md"]  # no temporary file left beside it
+    assert results.written == [path] and results.runs == tmp_path / "runs"
+    assert Results.at(None, "c").folder == RESULTS
+
+
+# ---- the page and the generated blocks ---------------------------------------------------------------------------
+
+def make_root(tmp_path: Path, readme: str, results: dict[str, str]) -> Path:
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    (tmp_path / "README.md").write_text(readme)
+    for name, text in results.items():
+        (tmp_path / "docs" / "results" / name).write_text(text)
+    return tmp_path
+
+
+def test_page_lists_each_standard_run_or_the_command_that_makes_it(tmp_path):
+    root = make_root(tmp_path, "", {"memory.md": "## Memory\n\n`c` on m.\n\n| a |\n"})
+    text = results_page.page(root)
+    assert "### Memory\n\n`c` on m.\n\n| a |" in text
+    assert ("*Not measured yet: `python -m benchmarks claims --samples 10 --per-subset 50` writes "
+            "`docs/results/claims-n50-s10.md`.*") in text
+    assert "Not measured yet: `python -m benchmarks gate_scores --split report` writes " \
+           "`docs/results/gate_scores-report.md`" in text
+    titles = [line[3:] for line in text.splitlines() if line.startswith("## ")]
+    assert titles[0] == "The paper's claims" and "Memory" in titles
+
+
+def test_generated_blocks_are_filled_with_their_results_file(tmp_path):
+    readme = ("# Title\n\nbefore\n<!-- generated: results/memory.md -->\nold table\n<!-- end generated -->\n"
+              "after\n")
+    root = make_root(tmp_path, readme, {"memory.md": "## Memory\n\n`c` on m.\n\n| new |\n"})
+    assert results_page.stale_blocks(root) == [root / "docs" / "BENCHMARKS.md", root / "README.md"]
+    assert results_page.write_page(root) == [root / "docs" / "BENCHMARKS.md", root / "README.md"]
+    assert (root / "README.md").read_text() == ("# Title\n\nbefore\n<!-- generated: results/memory.md -->\n"
+                                                "## Memory\n\n`c` on m.\n\n| new |\n<!-- end generated -->\nafter\n")
+    assert results_page.stale_blocks(root) == []
+    assert results_page.write_page(root) == []
+
+
+@pytest.mark.parametrize(("readme", "error"), [
+    ("<!-- generated: results/memory.md -->\nno end\n", "README.md:1: a generated block without"),
+    ("<!-- generated: results/absent.md -->\n<!-- end generated -->\n", "README.md:1: the generated block names "
+                                                                       "results/absent.md, which does not exist"),
+    ("<!-- generated: results/memory.md -->\n<!-- generated: results/memory.md -->\n<!-- end generated -->\n",
+     "README.md:2: a generated block begins inside"),
+])
+def test_broken_generated_blocks_are_named_by_file_and_line(tmp_path, readme, error):
+    root = make_root(tmp_path, readme, {"memory.md": "## Memory\n"})
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(error)):
+        results_page.stale_blocks(root)
