@@ -1,4 +1,5 @@
 import json
+import re
 
 import jsonargparse
 import pytest
@@ -228,3 +229,46 @@ def test_induce_help_shows_a_rewriters_options(capsys):
         induce_parser().parse_args(["--rewriter.help", "SelfRewriter"])
     shown = capsys.readouterr().out
     assert all(f"--rewriter.{o}" in shown for o in ("instruction", "max_new_tokens", "batch_size"))
+
+
+def small_induce(model_dir, out, rewriter):
+    return induce(output_dir=str(out), base_model=str(model_dir), prompts=str(PARADETOX), num_prompts=6,
+                  sampling=SamplingSettings(num_samples=3, max_new_tokens=6, max_prompt_tokens=None),
+                  unprompted_samples=3, batch_size=4, top_n=4, min_toxicity=0.0, rewriter=rewriter,
+                  max_loglik_gap=None)
+
+
+def test_a_run_whose_rewrites_all_fail_is_an_error_and_keeps_the_earlier_pairs(tiny_llama_dir, tmp_path):
+    import socket
+
+    from destein_pl.induce.rewriters import OpenAICompatibleRewriter
+    from destein_pl.induce.pipeline import InduceError
+
+    out = tmp_path / "induce"
+    target = small_induce(tiny_llama_dir, out, NonParallelRewriter())
+    before, summary = target.read_bytes(), (out / "summary.json").read_bytes()
+    assert before
+    with socket.socket() as probe:  # a loopback port nothing listens on: the endpoint is down
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    down = OpenAICompatibleRewriter(url=f"http://127.0.0.1:{port}/v1", model="m", max_retries=0, timeout_s=2)
+    with pytest.raises(InduceError, match="every rewrite failed: the 'openai-compatible' rewriter gave none"):
+        small_induce(tiny_llama_dir, out, down)
+    assert target.read_bytes() == before and (out / "summary.json").read_bytes() == summary
+
+
+def test_rewrites_longer_than_the_context_are_dropped_by_name(tiny_llama_dir, tmp_path, caplog):
+    from destein_pl.induce.rewriters import Rewriter
+    from destein_pl.induce.pipeline import InduceError
+
+    class Endless(Rewriter):
+        name = "endless"
+
+        def _rewrite(self, texts, context):
+            return ["calm " * 5000 for _ in texts]
+
+    with pytest.raises(InduceError, match="no pairs: .*'no_rewrite': 0, 'rewrite_too_long': 4"):
+        small_induce(tiny_llama_dir, tmp_path / "induce", Endless())
+    assert re.search(r"dropped a rewrite by the 'endless' rewriter of \d{4} tokens, longer than the model's context",
+                     caplog.text)
+    assert not (tmp_path / "induce" / "pairs.jsonl").exists()

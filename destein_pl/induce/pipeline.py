@@ -177,10 +177,32 @@ def scored_pool(samples_path: Path, jobs: list[Job], scorer: ToxicityScorer) -> 
     return pool
 
 
-def rewrite_selected(selected: list[Sample], rewriter: Rewriter, context: RewriteContext) -> list[Pair]:
-    """Each selected sample with its rewrite; samples the rewriter gave none are dropped."""
+class InduceError(ValueError):
+    """A run that produced no pairs; the pairs file of an earlier run is left as it was."""
+
+
+def rewrite_selected(selected: list[Sample], rewriter: Rewriter, context: RewriteContext) -> tuple[list[Pair], int]:
+    """Each selected sample with its rewrite, and how many rewrites were too long: samples the rewriter gave none
+    are dropped, and so are rewrites longer than the model's context (in tokens), which no likelihood can be
+    measured for (logged with the rewriter and the text). An error when the rewriter gave no rewrite at all."""
     rewrites = rewriter.rewrite([s["text"] for s in selected], context)
-    return [Pair(s, r) for s, r in zip(selected, rewrites) if r is not None]
+    if selected and all(r is None for r in rewrites):
+        raise InduceError(f"every rewrite failed: the {rewriter.name!r} rewriter gave none for the {len(selected)} "
+                          f"selected samples (for a remote rewriter: is its endpoint up?)")
+    steered = context.steered
+    room = steered.architecture.context_length(steered.config) - 1  # after the start token
+    pairs, too_long = [], 0
+    for sample_, rewrite in zip(selected, rewrites):
+        if rewrite is None:
+            continue
+        length = len(steered.tokenizer(rewrite, add_special_tokens=False)["input_ids"])
+        if length > room:
+            log.warning("dropped a rewrite by the %r rewriter of %d tokens, longer than the model's context (%d): "
+                        "%.80r...", rewriter.name, length, room, rewrite)
+            too_long += 1
+            continue
+        pairs.append(Pair(sample_, rewrite))
+    return pairs, too_long
 
 
 def drop_toxic_rewrites(pairs: list[Pair], scorer: ToxicityScorer, max_toxicity: float) -> list[Pair]:
@@ -281,14 +303,19 @@ def induce(
 
     pool = scored_pool(samples_path, jobs, toxicity)
     selected = select_most_toxic(pool, top_n, min_toxicity)
-    rewritten = rewrite_selected(selected, writer, RewriteContext(steered, pool, [s["id"] for s in selected]))
+    rewritten, too_long = rewrite_selected(selected, writer, RewriteContext(steered, pool, [s["id"] for s in selected]))
     nontoxic = drop_toxic_rewrites(rewritten, toxicity, max_rewrite_toxicity)
     pairs = drop_unlike_pairs(nontoxic, steered, max_loglik_gap, batch_size * sampling.num_samples)
     counts = {"generated_prompts": len(todo), "samples": len(pool), "selected": len(selected),
-              "no_rewrite": len(selected) - len(rewritten), "rewrite_still_toxic": len(rewritten) - len(nontoxic),
+              "no_rewrite": len(selected) - len(rewritten) - too_long, "rewrite_too_long": too_long,
+              "rewrite_still_toxic": len(rewritten) - len(nontoxic),
               "loglik_gap": len(nontoxic) - len(pairs), "pairs": len(pairs), "generation_s": round(generation_s, 1)}
 
     target = Path(output) if output else folder / "pairs.jsonl"
+    if not pairs:
+        kept = f"; {target} is left as it was" if target.exists() else ""
+        raise InduceError(f"no pairs: {counts}{kept}. Loosen the filters (top_n, min_toxicity, max_rewrite_toxicity, "
+                          f"max_loglik_gap) or check the rewriter")
     write_atomic(target, "".join(json.dumps(pair_row(p, writer.name), ensure_ascii=False) + "\n" for p in pairs))
     write_atomic(folder / "summary.json", json.dumps(counts, indent=2) + "\n")
     log.info("induced pairs: %s -> %s", counts, target)
