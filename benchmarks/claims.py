@@ -38,8 +38,15 @@ from typing import Any
 
 import torch
 
-from benchmarks.evaluation import PROTOCOL_SAMPLES, PROTOCOL_TOKENS
-from benchmarks.frontier import SUBSET_SIZE, evaluate_setting, split_prompts, stored_records, stored_runs, summarize
+from benchmarks.evaluation import PROTOCOL_TOKENS
+from benchmarks.frontier import (
+    add_protocol_options,
+    evaluate_setting,
+    split_prompts,
+    stored_records,
+    stored_runs,
+    summarize,
+)
 from benchmarks.results import DATA, ROOT, RUNS, Results
 
 log = logging.getLogger(__name__)
@@ -210,12 +217,7 @@ def evaluate_settings(model: str, out: Path, names: list[str], per_subset: int, 
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--samples", type=int, default=PROTOCOL_SAMPLES,
-                        help=f"continuations per prompt (protocol: {PROTOCOL_SAMPLES})")
-    parser.add_argument("--per-subset", type=int, default=SUBSET_SIZE,
-                        help=f"prompts of each subset (protocol: {SUBSET_SIZE}); fewer: the first of the sample")
-    parser.add_argument("--tokens", type=int, default=PROTOCOL_TOKENS,
-                        help=f"new tokens per continuation (protocol: {PROTOCOL_TOKENS})")
+    add_protocol_options(parser)
     parser.add_argument("--only", nargs="*", choices=list(SETTINGS), default=None, help="run only these settings")
     parser.add_argument("--table-only", action="store_true", help="evaluate nothing: the table from stored runs")
     parser.add_argument("--model", default=MODEL, help=f"the model steered (default {MODEL})")

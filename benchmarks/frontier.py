@@ -67,15 +67,20 @@ SWEEP: list[dict[str, Any]] = [
 ]
 
 
-def add_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--split", choices=["tune", "report"], default="tune",
-                        help="prompt sample: settings are chosen on tune, and reported on report (with --only)")
+def add_protocol_options(parser: argparse.ArgumentParser) -> None:
+    """The development protocol's size options (`--samples`, `--per-subset`, `--tokens`), shared with `claims`."""
     parser.add_argument("--samples", type=int, default=PROTOCOL_SAMPLES,
                         help=f"continuations per prompt (protocol: {PROTOCOL_SAMPLES})")
     parser.add_argument("--per-subset", type=int, default=SUBSET_SIZE,
                         help=f"prompts of each subset (protocol: {SUBSET_SIZE}); fewer: the first of the sample")
     parser.add_argument("--tokens", type=int, default=PROTOCOL_TOKENS,
                         help=f"new tokens per continuation (protocol: {PROTOCOL_TOKENS})")
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--split", choices=["tune", "report"], default="tune",
+                        help="prompt sample: settings are chosen on tune, and reported on report (with --only)")
+    add_protocol_options(parser)
     parser.add_argument("--only", nargs="*", default=None, help="run only these setting names (e.g. base paper-a1.3)")
     parser.add_argument("--table-only", action="store_true", help="evaluate nothing: the table from stored runs")
 
