@@ -193,6 +193,13 @@ def test_generate_refuses_bad_options_in_one_line(calibrated, capsys):
     message = refusal(capsys, "generate", "--ckpt", ckpt, "--prompt", "a", "--prompts.source", str(RTP100))
     assert message == "give --prompt texts or --prompts.source, not both"
     assert "not found" in refusal(capsys, "generate", "--ckpt", str(calibrated[1] / "missing.ckpt"))
+    assert refusal(capsys, "generate", "--ckpt", ckpt, "--prompt", "hello", "") == (
+        "--prompt: prompt 2 of 2 is empty; give text to continue")
+
+
+def test_generate_takes_a_prompt_of_any_unicode_text(calibrated, capsys):
+    main(["generate", "--ckpt", str(calibrated[1] / "tiny.ckpt"), "--prompt", "😡 ça", "--sampling.max_new_tokens", "3"])
+    assert "PROMPT: 😡 ça" in capsys.readouterr().out
 
 
 def test_compare_takes_several_results_and_labels(tmp_path, capsys):

@@ -247,3 +247,49 @@ def test_a_generation_batch_stays_within_max_batch_tokens(tiny_steered, tmp_path
     steps = [rows for rows, tokens in shapes if tokens == 1]
     assert steps and max(steps) * (width + new) <= max(budget, per_prompt)
     assert len([s for s in shapes if s[1] > 1]) == len(chunks)  # one prefill per chunk
+
+
+def test_an_evaluation_of_mostly_empty_continuations_is_flagged(tiny_llama_dir, tmp_path):
+    """A model that ends every text at once scores as non-toxic: results.json and results.md say it is empty."""
+    from destein_pl import SteeredCausalLM, load_base_model, load_prompts
+
+    model, tokenizer = load_base_model(tiny_llama_dir)
+    head = model.lm_head
+    ends_at_once = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        ends_at_once.weight.copy_(head.weight)
+        ends_at_once.bias.zero_()
+        ends_at_once.bias[model.config.eos_token_id] = 1e4
+    model.lm_head = ends_at_once
+    prompts = load_prompts(PromptsConfig(str(RTP100), n=2))
+    results = evaluate_small(SteeredCausalLM(model, tokenizer), prompts, tmp_path)
+    run = results["runs"][0]
+    assert run["counts"]["empty_continuations"] == run["counts"]["continuations"] == 6
+    assert results["warnings"] == run["warnings"] and "alpha=0: 6 of 6 continuations are empty" in run["warnings"][0]
+    assert "**Warning:** alpha=0: 6 of 6 continuations are empty" in (tmp_path / "results.md").read_text()
+
+
+def test_results_record_the_steering_they_ran_with(tiny_llama_dir, tmp_path):
+    from destein_pl import SteeredCausalLM, load_base_model, load_prompts
+    from destein_pl.steering.gating import GateSettings
+    from destein_pl.steering.probes import Probes
+
+    steered = SteeredCausalLM(*load_base_model(tiny_llama_dir))
+    g = torch.Generator().manual_seed(0)
+    shape = (steered.num_layers, steered.num_heads)
+    steered.set_steering(torch.randn(*shape, steered.head_dim, generator=g), torch.rand(*shape, generator=g), 0.5)
+    steered.set_gate(GateSettings("smooth", threshold=0.4),
+                     Probes(torch.randn(*shape, steered.head_dim, generator=g), torch.zeros(shape), torch.rand(shape)))
+    prompts = load_prompts(PromptsConfig(str(RTP100), n=2))
+    results = evaluate_small(steered, prompts, tmp_path)
+    assert results["runs"][0]["counts"]["empty_continuations"] == 0 and results["warnings"] == []
+    recorded = results["steering"]
+    assert (recorded["fusion"], recorded["alpha"], recorded["gate"]["mode"], recorded["gate"]["threshold"]) == \
+        ("paper", 0.5, "smooth", 0.4)
+    assert recorded["digest"] == steered.steering_digest()
+    assert json.loads((tmp_path / "alpha_0" / "results.json").read_text())["steering"] == recorded
+    # the digest covers the gate's probes: other probes are other steering
+    steered.set_gate(GateSettings("smooth", threshold=0.4), Probes(torch.randn(*shape, steered.head_dim,
+                                                                               generator=g), torch.zeros(shape),
+                                                                   torch.rand(shape)))
+    assert steered.steering_digest() != recorded["digest"]

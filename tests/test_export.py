@@ -17,11 +17,12 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, MistralConfig, PreTrainedTokenizerFast
 
-from destein_pl import SteeredCausalLM, load_base_model
+from destein_pl import SteeredCausalLM, load_base_model, load_prompts
+from destein_pl.evaluation.prompts import PromptsConfig
 from destein_pl.steering.checkpoint import FORMAT, save_steering
 from destein_pl.steering.export import ExportError, export
 from destein_pl.steering.folding import fold, folded_biases
-from tests.conftest import TINY_CONFIGS, VOCAB
+from tests.conftest import RTP100, TINY_CONFIGS, VOCAB, evaluate_small
 
 EXPORTABLE = ["gpt2", "llama", "mistral", "qwen2", "opt"]
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-135m-paradetox.ckpt"
@@ -155,15 +156,36 @@ def test_export_writes_the_stock_bias_flag_and_explicit_zero_companion_biases(ex
 
 
 def test_export_card_names_base_pairs_alpha_method_and_results(tmp_path):
-    ckpt, _ = tiny_checkpoint(tmp_path, "llama")
+    ckpt, steered = tiny_checkpoint(tmp_path, "llama")
     metrics = {"emt": 0.25, "tp": 0.12, "ppl": 33.78, "dist1": 0.6, "dist2": 0.94, "dist3": 0.99}
     runs = [{"alpha": a, "metrics": {"toxic": metrics}, "counts": {"prompts": {"toxic": 50}}} for a in (0.0, 1.5)]
     results = tmp_path / "results.json"
-    results.write_text(json.dumps({"base_model": "tiny", "scorer": "profanity-check", "runs": runs}))
+    results.write_text(json.dumps({"base_model": "tiny", "scorer": "profanity-check", "runs": runs,
+                                   "steering": {"digest": steered.steering_digest()}}))
     card = (export(str(ckpt), str(tmp_path / "out"), results=str(results)) / "README.md").read_text()
     for text in ("llama-base", "pairs.jsonl", "ab" * 32, "| alpha | 1.5 |", "2404.10464", "DeStein",
                  "| **1.5** | toxic | 50 | 0.250 | 0.120 | 33.780 |", "vllm serve"):
         assert text in card, text
+
+
+def test_export_takes_results_only_from_an_evaluation_of_this_checkpoint(tmp_path):
+    ckpt, steered = tiny_checkpoint(tmp_path, "llama")
+    prompts = load_prompts(PromptsConfig(str(RTP100), n=2))
+    evaluate_small(steered, prompts, tmp_path / "eval", alphas=[0.0, 1.5])
+    out = export(str(ckpt), str(tmp_path / "out"), results=str(tmp_path / "eval" / "results.json"))
+    assert "| **1.5** | all | 2 |" in (out / "README.md").read_text()
+    # the same base model and alpha, other vectors: not this checkpoint's numbers
+    steered.set_steering(steered.vectors * 2, steered.head_weights)
+    evaluate_small(steered, prompts, tmp_path / "other", alphas=[1.5])
+    other = tmp_path / "other" / "alpha_1.5" / "results.json"
+    with pytest.raises(ExportError, match=r"results: .*other.*was made with other steering"):
+        export(str(ckpt), str(tmp_path / "out2"), results=str(other))
+    assert not (tmp_path / "out2").exists()
+    data = json.loads(other.read_text())
+    del data["steering"]
+    other.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"results: .* records no steering digest"):
+        export(str(ckpt), str(tmp_path / "out2"), results=str(other))
 
 
 def test_export_in_bfloat16_writes_bfloat16_weights_that_reload(tmp_path):

@@ -409,11 +409,9 @@ def test_the_shipped_gated_checkpoint_carries_its_overlays_settings_and_gates_wi
 
 
 def test_a_gate_or_fusion_changes_which_stored_generations_a_rerun_reuses():
-    from destein_pl.evaluation.evaluator import steering_digest
-
     steered = steered_tiny("llama")
     steered.set_gate(GateSettings("none"), random_probes(steered))
-    plain = steering_digest(steered)
+    plain = steered.steering_digest()
     # the default options keep the digest of vectors and head weights alone, so runs made before them still resume
     expected = hashlib.sha256()
     for tensor in (steered.vectors, steered.head_weights):
@@ -422,10 +420,10 @@ def test_a_gate_or_fusion_changes_which_stored_generations_a_rerun_reuses():
     digests = {plain}
     for settings in (GateSettings("smooth"), GateSettings("smooth", threshold=0.4), GateSettings("hard")):
         steered.set_gate(settings)
-        digests.add(steering_digest(steered))
+        digests.add(steered.steering_digest())
     steered.set_gate(GateSettings("none"))
     steered.fusion = "norm_preserving"
-    digests.add(steering_digest(steered))
+    digests.add(steered.steering_digest())
     assert len(digests) == 5
 
 

@@ -158,3 +158,12 @@ def test_log_probs_of_the_samples_give_the_models_perplexity(family):
     for lp, expected in zip(log_probs, reference):
         assert (expected is None) if not lp else -sum(lp) / len(lp) == pytest.approx(expected, rel=1e-5)
     assert any(reference)
+
+
+def test_a_prompt_without_tokens_is_refused_by_its_id(tiny_steered):
+    from destein_pl.evaluation.prompts import Prompt
+    from destein_pl.evaluation.sampling import PromptSampler
+
+    sampler = PromptSampler(tiny_steered, SamplingSettings(num_samples=1, max_new_tokens=2))
+    with pytest.raises(ValueError, match=r"prompt 'rtp:7' has no tokens \(text ''\)"):
+        sampler([Prompt("rtp:1", "hello"), Prompt("rtp:7", "")])

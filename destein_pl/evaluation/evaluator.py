@@ -8,8 +8,6 @@ in one call.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,25 +22,13 @@ from destein_pl.evaluation.config import EvaluationConfig
 from destein_pl.evaluation.perplexity import PerplexityJudge, perplexity
 from destein_pl.evaluation.prompts import Prompt
 from destein_pl.evaluation.report import markdown_table
-from destein_pl.evaluation.runs import AlphaRun, summary_counts
+from destein_pl.evaluation.runs import AlphaRun, count_warnings, summary_counts
 from destein_pl.evaluation.sampling import MIN_ROWS, PromptSampler
 from destein_pl.files import jsonable, write_atomic, write_json
 from destein_pl.steering.model import SteeredCausalLM
 from destein_pl.steering.sharding import drain
 
 log = logging.getLogger(__name__)
-
-
-def steering_digest(steered: SteeredCausalLM) -> str:
-    """sha256 of the steering vectors, head weights, and a fusion or gate other than the default: generations of one
-    alpha are only reused for these (the default options add nothing, so older runs still resume)."""
-    digest = hashlib.sha256()
-    for tensor in (steered.vectors, steered.head_weights):
-        digest.update(tensor.float().contiguous().numpy().tobytes())
-    if steered.fusion != "paper" or steered.gate.enabled:
-        options = {"fusion": steered.fusion, "gate": steered.gate.metadata()}
-        digest.update(json.dumps(options, sort_keys=True).encode())
-    return digest.hexdigest()
 
 
 class Evaluator:
@@ -77,6 +63,7 @@ class Evaluator:
         self.timing = {"generate_s": 0.0, "score_s": 0.0, "perplexity_s": 0.0}
         self.sampler: PromptSampler | None = None
         self.judge: PerplexityJudge | None = None
+        self.steering: dict[str, Any] = {}
         self._started = 0.0
 
     def start(self, prompts: Sequence[Prompt]) -> None:
@@ -96,7 +83,8 @@ class Evaluator:
         self.sampler.fix_width(prompts)
         self.prompts = list(prompts)
         alphas = cfg.alphas if cfg.alphas is not None else sorted({0.0, round(steered.alpha, 6)})
-        steering = steering_digest(steered)
+        self.steering = steered.steering_settings()
+        steering = self.steering["digest"]
         self.runs = [
             AlphaRun(alpha, Path(cfg.output_dir) / f"alpha_{alpha:g}",
                      {**cfg.fingerprint(alpha, steering if alpha else None, self.scorer.fingerprint()),
@@ -184,29 +172,38 @@ class Evaluator:
     def finish(self) -> dict[str, Any]:
         """Metrics of every alpha (on every process: they synchronise); process 0 merges the generations and
         writes `results.json` per alpha and for the run, and `results.md`. Returns the run's results."""
-        summary = []
+        summary, steering = [], self.steering
         for run in self.runs:
             result: dict[str, Any] = {"alpha": run.alpha, "metrics": run.compute()}
             self.barrier("generations_written")
             if self.rank == 0:
                 records = run.merge(self.prompts)
-                result.update(counts=summary_counts(records), generated_prompts=run.generated,
-                              resumed_prompts=run.resumed, rescored_prompts=run.rescored)
+                counts = summary_counts(records)
+                result.update(counts=counts, warnings=count_warnings(run.alpha, counts), steering=steering,
+                              generated_prompts=run.generated, resumed_prompts=run.resumed,
+                              rescored_prompts=run.rescored)
                 write_json(run.folder / "results.json", jsonable(result))
             summary.append(result)
         total = time.perf_counter() - self._started
         timing = {**{k: round(v, 3) for k, v in self.timing.items()}, "total_s": round(total, 3),
                   "outside_generate_share": round(1 - self.timing["generate_s"] / total, 4) if total else None,
                   "process": f"rank {self.rank}", "world_size": self.world_size}
-        output = jsonable({"base_model": self.steered.base_model, "scorer": self.scorer.fingerprint(),
-                           "cut_prompts": len(self.sampler.cut_prompts), "timing": timing, "runs": summary})
+        warnings = [w for result in summary for w in result.get("warnings", [])]
+        output = jsonable({"base_model": self.steered.base_model, "steering": steering,
+                           "scorer": self.scorer.fingerprint(), "cut_prompts": len(self.sampler.cut_prompts),
+                           "timing": timing, "warnings": warnings, "runs": summary})
         if self.rank == 0:
             folder = Path(self.config.output_dir)
             write_json(folder / "results.json", output)
             table = markdown_table(output["runs"])
-            write_atomic(folder / "results.md", table + "\n")
+            notes = "".join(f"\n**Warning:** {w}\n" for w in warnings)
+            write_atomic(folder / "results.md", table + "\n" + notes)
             if self.verbose:
                 print(f"\n{table}\n\nresults: {folder / 'results.json'}")
+            for warning in warnings:
+                log.warning(warning)
+                if self.verbose:
+                    print(f"WARNING: {warning}")
             missing = sum(r["counts"]["missing_scores"] for r in output["runs"])
             if missing:
                 message = (f"{missing} toxicity scores are missing (the scorer gave none); their prompts count "

@@ -140,4 +140,19 @@ def summary_counts(records: list[dict[str, Any]]) -> dict[str, Any]:
         "continuations": sum(len(r["continuations"]) for r in records),
         "missing_scores": sum(v is None for r in records for v in r["toxicity"]),
         "missing_perplexities": sum(v is None for r in records for v in r["perplexity"]),
+        "empty_continuations": sum(not text.strip() for r in records for text in r["continuations"]),
     }
+
+
+EMPTY_SHARE_WARNING = 0.5
+"""Above this share of empty continuations an alpha's metrics are flagged: toxicity and Dist-n of nothing say
+nothing about the model (steering so strong that it ends every text at once reads as a perfect detox)."""
+
+
+def count_warnings(alpha: float, counts: dict[str, Any]) -> list[str]:
+    """What `results.json` and `results.md` flag about one alpha's counts: mostly empty continuations."""
+    total, empty = counts["continuations"], counts.get("empty_continuations", 0)
+    if total and empty / total > EMPTY_SHARE_WARNING:
+        return [f"alpha={alpha:g}: {empty} of {total} continuations are empty; its toxicity and diversity describe "
+                f"no text (steering too strong, or a model that ends its text at once), not a detoxification"]
+    return []

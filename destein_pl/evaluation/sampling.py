@@ -280,6 +280,9 @@ class PromptSampler:
     def prompt_ids(self, prompt, warn: bool = True) -> list[int]:
         """A prompt's token ids, cut from the left to `max_prompt_tokens` (with a warning, once per prompt)."""
         ids = self.steered.tokenizer(prompt.text)["input_ids"]
+        if not ids:
+            raise ValueError(f"prompt {prompt.id!r} has no tokens (text {prompt.text!r}); a continuation needs at "
+                             f"least one token of context")
         if len(ids) > self.max_prompt_tokens:
             if warn and prompt.id not in self.cut_prompts:
                 self.cut_prompts.add(prompt.id)

@@ -80,6 +80,9 @@ def chosen_prompts(texts: list[str] | None, source: PromptsConfig | None) -> lis
     """The prompts `generate` continues: from a file, the texts given (each its own id), or the demo prompts."""
     if texts and source:
         raise ValueError("give --prompt texts or --prompts.source, not both")
+    blank = [i for i, text in enumerate(texts or [], 1) if not text.strip()]
+    if blank:
+        raise ValueError(f"--prompt: prompt {blank[0]} of {len(texts)} is empty; give text to continue")
     return load_prompts(source) if source else [Prompt(text, text) for text in (texts or DEMO_PROMPTS)]
 
 

@@ -37,7 +37,7 @@ from destein_pl.steering.folding import add_zero_biases, check_foldable, fold, h
 from destein_pl.steering.gguf_export import export_gguf
 from destein_pl.steering.loading import DTYPES
 from destein_pl.steering.model import SteeredCausalLM
-from destein_pl.steering.model_card import ExportError, ExportReport, model_card, steering_record
+from destein_pl.steering.model_card import ExportError, ExportReport, model_card, results_of, steering_record
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ def export(
         format: `hf`, a Hugging Face model folder (safetensors, config, generation config, tokenizer) for
             transformers, vLLM, SGLang or TGI; `gguf`, a copy of the base model's GGUF file with the folded biases
             added, for llama.cpp (the checkpoint's base model must be a GGUF file or the built-in model).
-        results: a `results.json` of `destein test` on this checkpoint, whose metrics go into the model card.
+        results: a `results.json` of `destein test` on this checkpoint, whose metrics go into the model card (refused
+            when its steering digest is not this checkpoint's).
         overwrite: replace an existing non-empty `out`.
         verify: reload the written folder with stock transformers and check it loads every weight and reproduces
             the folded model's logits (format `hf`; a GGUF copy is always checked tensor by tensor).
@@ -82,10 +83,9 @@ def export(
     run_results = read_results(results_path) if results_path else None
     with staged_folder(target, overwrite) as folder:
         if format == "gguf":
-            report = export_gguf(ckpt, folder, metadata)
+            report = export_gguf(ckpt, folder, metadata, run_results)
         else:
-            report = export_hf(ckpt, folder, metadata, dtype, verify, target.name)
-        report.results = run_results
+            report = export_hf(ckpt, folder, metadata, dtype, verify, target.name, run_results)
         finish_folder(folder, report)
     log.info("exported %s to %s", ckpt, target)
     return target
@@ -161,7 +161,13 @@ def read_results(path: Path) -> dict[str, Any]:
             if bad:
                 raise ValueError(f"results: {path}: alpha {run['alpha']!r}, subset {subset!r}: metrics must be numbers "
                                  f"or null, got {bad}")
-    return {"path": str(path), "base_model": data.get("base_model"), "scorer": data.get("scorer"), "runs": runs}
+    steering = data.get("steering")
+    if not isinstance(steering, dict) or not isinstance(steering.get("digest"), str):
+        raise ValueError(f"results: {path} records no steering digest (`steering.digest`), so nothing shows it was "
+                         f"made with this checkpoint; evaluate the checkpoint with `destein test` and pass that "
+                         f"results.json")
+    return {"path": str(path), "base_model": data.get("base_model"), "scorer": data.get("scorer"),
+            "steering": steering, "runs": runs}
 
 
 # -- Hugging Face folders ---------------------------------------------------------------------------------------
@@ -213,13 +219,14 @@ def converted_config(config: PretrainedConfig, model_type: str, flag: str | None
     return converted, tuple(sorted(set(source) - known - skip))
 
 
-def export_hf(ckpt: Path, folder: Path, metadata: dict[str, Any], dtype: str | None, verify: bool, name: str
-              ) -> ExportReport:
+def export_hf(ckpt: Path, folder: Path, metadata: dict[str, Any], dtype: str | None, verify: bool, name: str,
+              results: dict[str, Any] | None = None) -> ExportReport:
     """Fold the checkpoint in place and write its Hugging Face files into `folder`; `name` names the exported
-    model in its config."""
+    model in its config; `results` (`read_results`) go into the model card if they were made with this steering."""
     steered = SteeredCausalLM.from_checkpoint(ckpt, dtype=dtype)
     architecture, config = steered.architecture, steered.config
-    report = ExportReport(str(ckpt), metadata, round(steered.alpha, 6), "hf", architecture.family, config.model_type)
+    report = ExportReport(str(ckpt), metadata, round(steered.alpha, 6), "hf", architecture.family, config.model_type,
+                          results=results_of(steered, results))
     report.folded = has_steering(steered)
     target = hf_target(config, architecture) if report.folded else HFTarget(config.model_type)
     tokenizer = steered.tokenizer

@@ -14,7 +14,7 @@ from destein_pl.steering.architectures import ARCHITECTURES
 from destein_pl.steering.folding import fold, folded_biases, has_steering
 from destein_pl.steering.loading import BUILTIN_MODELS
 from destein_pl.steering.model import SteeredCausalLM
-from destein_pl.steering.model_card import METHOD, ExportError, ExportReport
+from destein_pl.steering.model_card import METHOD, ExportError, ExportReport, results_of
 
 
 def base_gguf_file(metadata: dict[str, Any]) -> Path:
@@ -60,15 +60,18 @@ def exported_names(reader: GGUFReader, report: ExportReport) -> dict[str, str]:
     return {"general.name": f"{field.contents()} (DeStein, alpha {report.alpha:g})"}
 
 
-def export_gguf(ckpt: Path, folder: Path, metadata: dict[str, Any]) -> ExportReport:
-    """Copy the base GGUF into `folder` with the folded biases added, and check the copy tensor by tensor."""
+def export_gguf(ckpt: Path, folder: Path, metadata: dict[str, Any], results: dict[str, Any] | None = None
+                ) -> ExportReport:
+    """Copy the base GGUF into `folder` with the folded biases added, and check the copy tensor by tensor;
+    `results` (`read_results`) go into the model card if they were made with this steering."""
     source = base_gguf_file(metadata)
     reader = GGUFReader(source)
     check_gguf_base(reader, source, metadata)
     steered = SteeredCausalLM.from_checkpoint(ckpt, dtype="float32")  # biases from the dequantized weights
     architecture = steered.architecture
     report = ExportReport(str(ckpt), metadata, round(steered.alpha, 6), "gguf", architecture.family,
-                          steered.config.model_type, dtype="float32 biases; base tensors as stored")
+                          steered.config.model_type, dtype="float32 biases; base tensors as stored",
+                          results=results_of(steered, results))
     report.folded = has_steering(steered)
     folded = fold(steered, inplace=True)
     biases = folded_biases(folded, architecture) if report.folded else []

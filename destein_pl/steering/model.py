@@ -16,6 +16,8 @@ each row's alpha by how toxic the calibrated probes find its context (`destein_p
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any
 
@@ -246,6 +248,26 @@ class SteeredCausalLM(nn.Module):
             "head_dim": self.head_dim,
             "hidden_size": self.config.hidden_size,
         }
+
+    def steering_digest(self) -> str:
+        """sha256 of what the steered generations depend on beyond alpha: the vectors, the head weights, and a
+        fusion or gate other than the default with the gate's probes. Evaluation reuses stored generations only
+        for the same digest, `results.json` records it, and export checks a results file against it. The default
+        options add nothing, so evaluation folders made before they existed still resume."""
+        digest = hashlib.sha256()
+        for tensor in (self.vectors, self.head_weights):
+            digest.update(tensor.float().contiguous().numpy().tobytes())
+        if self.fusion != "paper" or self.gate.enabled:
+            digest.update(json.dumps({"fusion": self.fusion, "gate": self.gate.metadata()}, sort_keys=True).encode())
+        if self.gate.enabled:
+            for tensor in self.gate_probes.arrays("").values():
+                digest.update(tensor.contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def steering_settings(self) -> dict[str, Any]:
+        """The steering this model runs with, as `results.json` records it: fusion, gate, alpha and digest."""
+        return {"fusion": self.fusion, "gate": self.gate.metadata(), "alpha": self.alpha,
+                "digest": self.steering_digest()}
 
     def steering_tensors(self) -> dict[str, Tensor]:
         """The steering as a checkpoint stacks it: `vectors`, `head_weights`, `alpha`."""

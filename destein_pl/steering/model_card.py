@@ -7,9 +7,12 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from destein_pl.steering.loading import BUILTIN_MODELS
+
+if TYPE_CHECKING:
+    from destein_pl.steering.model import SteeredCausalLM
 
 METHOD = "DeStein (arXiv 2404.10464), head-wise activation steering folded into the attention output bias"
 PAPER_URL = "https://arxiv.org/abs/2404.10464"
@@ -41,6 +44,19 @@ class ExportReport:
     gguf_added: list[str] = field(default_factory=list)
     results: dict[str, Any] | None = None
 
+
+
+def results_of(steered: SteeredCausalLM, results: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`results` if their steering digest is the loaded checkpoint's (`SteeredCausalLM.steering_digest`), else an
+    `ExportError`: a model card must not show another checkpoint's numbers."""
+    if results is None:
+        return None
+    digest, recorded = steered.steering_digest(), results["steering"]["digest"]
+    if recorded != digest:
+        raise ExportError(f"results: {results['path']} was made with other steering (digest {recorded[:12]}...) than "
+                          f"this checkpoint's ({digest[:12]}...); pass the results.json of `destein test` on this "
+                          f"checkpoint")
+    return results
 
 
 def steering_record(report: ExportReport) -> dict[str, Any]:
