@@ -8,6 +8,7 @@ A benchmark `NAME` is the module `benchmarks.NAME`, which declares its options (
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 
@@ -32,6 +33,13 @@ class Benchmark:
     """Benchmarks whose stored runs its quick run reads (they run first)."""
     gpu: bool = False
     """Its standard run needs a CUDA GPU: `make bench` skips it on a machine without one."""
+    requires: tuple[str, ...] = ()
+    """Python modules beyond the project's that it imports: where one is missing it is skipped (`make bench`, the
+    tests) or refused (`python -m benchmarks NAME`), naming the module; its module docstring says how to get it."""
+
+    def missing(self) -> list[str]:
+        """The modules of `requires` that this Python cannot import."""
+        return [name for name in self.requires if importlib.util.find_spec(name) is None]
 
 
 @dataclass(frozen=True)
@@ -152,9 +160,12 @@ SECTIONS: tuple[Section, ...] = (
     Section(
         "Serving the exported model",
         "What stock engines make of `destein export`: the Hugging Face folder in the transformers 4.x that serving "
-        "stacks still pin, against the live steered model.",
+        "stacks still pin, and the GGUF file in llama.cpp, against the live steered model.",
         (Benchmark("export_compat", "an exported folder in transformers 4.x: logits and greedy text against live "
-                   "steering", "export_compat", quick="--ckpt {tiny_ckpt} --python current --tokens 2"),)),
+                   "steering", "export_compat", quick="--ckpt {tiny_ckpt} --python current --tokens 2"),
+         Benchmark("llama_cpp", "an exported GGUF in llama.cpp: the steering's effect on the logits and greedy "
+                   "text against live steering, on the stored and a float32 base", "llama_cpp",
+                   quick="--prompts 1 --tokens 2 --bases stored", requires=("llama_cpp",)))),
 )
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for section in SECTIONS for b in section.benchmarks}

@@ -54,6 +54,7 @@ def page(root: Path = ROOT) -> str:
                 else:
                     command = shlex.join(["python", "-m", "benchmarks", bench.name, *argv])
                     needs = " (its standard run needs a CUDA GPU)" if bench.gpu else ""
+                    needs += f" (it needs {', '.join(bench.requires)})" if bench.requires else ""
                     parts += [f"*Not measured yet{needs}: `{command}` writes `docs/results/{name}.md`.*", ""]
     return "\n".join(parts)
 

@@ -30,7 +30,8 @@ def listing() -> str:
     for b in BENCHMARKS.values():
         lines.append(f"  {b.name:<{width}}  {b.description}")
         lines.append(f"  {'':<{width}}  -> {(RESULTS / b.output).relative_to(ROOT)}.md"
-                     + ("  (standard run: CUDA GPU)" if b.gpu else ""))
+                     + ("  (standard run: CUDA GPU)" if b.gpu else "")
+                     + (f"  (needs {', '.join(b.requires)})" if b.requires else ""))
     return "\n".join(lines)
 
 
@@ -39,6 +40,9 @@ def run(bench: Benchmark, argv: list[str]) -> Path:
     given = options.runner_options(argv)
     results = Results.at(given.output_dir, options.command(bench, argv))
     args = options.parser(bench).parse_args(options.expanded(bench, argv, results.runs))
+    if bench.missing():
+        raise SystemExit(f"{bench.name} needs the Python module(s) {', '.join(bench.missing())}, which this Python "
+                         f"cannot import (`python -m benchmarks {bench.name} --help` says how to get them)")
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -60,6 +64,9 @@ def standard() -> int:
     for bench in BENCHMARKS.values():
         if bench.gpu and not torch.cuda.is_available():
             log.info("skipping %s: its standard run needs a CUDA GPU", bench.name)
+            continue
+        if bench.missing():
+            log.info("skipping %s: it needs the Python module(s) %s", bench.name, ", ".join(bench.missing()))
             continue
         for argv, _ in options.standard_runs(bench):
             shown = options.command(bench, argv)

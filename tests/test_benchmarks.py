@@ -4,6 +4,7 @@ name the runner command that writes them; and the results page and the docs' gen
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import shlex
@@ -18,7 +19,7 @@ from benchmarks.results import RESULTS, Results
 from benchmarks.runner import listing, main, run
 from benchmarks.timing import in_turn, rotated, spread
 
-EMBEDDED = {"frontier", "gate_scores", "memory"}
+EMBEDDED = {"frontier", "gate_scores", "llama_cpp", "memory"}
 """The benchmarks whose quick run loads the real embedded model (the others use a tiny one, or none)."""
 HEADER = re.compile(r"## .+\n\n`(?P<command>[^`]+)` on (?P<machine>.+)\.\n\n")
 
@@ -48,6 +49,8 @@ def quick(name: str, folder: Path) -> Path:
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] * (n in EMBEDDED)) for n in BENCHMARKS])
 def test_quick_run_writes_its_results_file_into_the_output_folder(name, quick_folder):
+    if BENCHMARKS[name].missing():
+        pytest.skip(f"{name} needs {', '.join(BENCHMARKS[name].missing())}, which this Python cannot import")
     committed = digest(RESULTS)
     path = quick(name, quick_folder)
     assert digest(RESULTS) == committed, "a quick run changed docs/results/"
@@ -111,10 +114,26 @@ def test_standard_runs_every_standard_run_goes_on_after_a_failure_then_writes_th
     monkeypatch.setattr(runner.torch.cuda, "is_available", lambda: False)
     assert runner.standard() == 1
     assert pages == [1]
-    expected = [(b.name, argv) for b in BENCHMARKS.values() if not b.gpu for argv, _ in options.standard_runs(b)]
+    expected = [(b.name, argv) for b in BENCHMARKS.values() if not b.gpu and not b.missing()
+                for argv, _ in options.standard_runs(b)]
     assert ran == expected and ran[0][0] == "claims"
     assert ("frontier", ["--split", "report", "--samples", "10", "--only", "base", "paper-a1.3", "shipped"]) in ran
     assert "gpu_check" not in {name for name, _ in ran}
+
+
+def test_a_benchmark_whose_module_is_missing_is_refused_naming_it_and_skipped_by_the_standard_runs(monkeypatch):
+    import benchmarks.runner as runner
+
+    absent = dataclasses.replace(BENCHMARKS["fold_speed"], requires=("no_such_module_here",))
+    assert absent.missing() == ["no_such_module_here"]
+    with pytest.raises(SystemExit, match=r"fold_speed needs the Python module\(s\) no_such_module_here"):
+        run(absent, ["--quick"])
+    ran = []
+    monkeypatch.setattr(runner, "BENCHMARKS", {"fold_speed": absent})
+    monkeypatch.setattr(runner, "run", lambda bench, argv: ran.append(bench.name))
+    monkeypatch.setattr(runner.results_page, "write_page", lambda: [])
+    assert runner.standard() == 0 and ran == []
+    assert "(needs no_such_module_here)" in runner.listing()
 
 
 def test_an_unknown_benchmark_is_refused_with_the_known_ones():

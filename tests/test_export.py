@@ -372,3 +372,24 @@ def test_export_of_the_shipped_checkpoint_generates_in_stock_transformers(tmp_pa
     assert torch.equal(reloaded["smollm2.tokens"], expected)
     card = (out / "README.md").read_text()
     assert "smollm2-135m" in card and "paradetox.tsv" in card and "| alpha | 1.3 |" in card
+
+
+@pytest.mark.slow
+def test_a_dequantized_gguf_copy_holds_the_weights_the_built_in_model_computes_with(tmp_path):
+    """The float32 base that tells llama.cpp's quantization noise from the steering (`benchmarks/llama_cpp.py`)."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from destein_pl.steering.gguf_export import write_gguf_copy
+    from destein_pl.steering.loading import BUILTIN_MODELS
+
+    source, target = BUILTIN_MODELS["smollm2-135m"].gguf_path(), tmp_path / "f32.gguf"
+    write_gguf_copy(GGUFReader(source), target, {}, {}, {}, dequantized=True)
+    before, after = GGUFReader(source), GGUFReader(target)
+    assert [t.name for t in after.tensors] == [t.name for t in before.tensors]
+    assert {t.tensor_type for t in after.tensors} == {GGMLQuantizationType.F32}
+    assert [list(t.shape) for t in after.tensors] == [list(t.shape) for t in before.tensors]
+    copy = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=target.name, dtype=torch.float32).eval()
+    builtin, _ = load_base_model("smollm2-135m")
+    ids = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(copy(input_ids=ids).logits, builtin(input_ids=ids).logits)

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 from gguf import MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf.quants import dequantize
 
 from destein_pl.steering.architectures import ARCHITECTURES
 from destein_pl.steering.folding import fold, folded_biases, has_steering
@@ -101,9 +102,12 @@ def check_gguf_base(reader: GGUFReader, source: Path, metadata: dict[str, Any]) 
 
 
 def write_gguf_copy(reader: GGUFReader, path: Path, added: dict[str, np.ndarray], metadata: dict[str, Any],
-                    renamed: dict[str, str]) -> None:
+                    renamed: dict[str, str], dequantized: bool = False) -> None:
     """Write the reader's file to `path` with every metadata value and tensor (raw bytes and types) unchanged but
-    the `renamed` string values, plus the `added` float32 tensors and `metadata` keys."""
+    the `renamed` string values, plus the `added` float32 tensors and `metadata` keys. `dequantized`: every tensor
+    as float32 instead (a full-precision base, to tell an engine's quantization noise from its steering)."""
+    if dequantized:
+        added = {**{t.name: dequantize(t.data, t.tensor_type) for t in reader.tensors}, **added}
     arch = reader.get_field("general.architecture").contents()
     writer = GGUFWriter(path, arch=arch, endianess=reader.endianess)
     alignment = reader.get_field("general.alignment")
@@ -122,7 +126,8 @@ def write_gguf_copy(reader: GGUFReader, path: Path, added: dict[str, np.ndarray]
         writer.add_key_value(item.name, item.contents(), value_type, sub_type=sub_type)
     for key, value in metadata.items():
         writer.add_key_value(key, value, gguf_value_type(value))
-    for tensor in reader.tensors:
+    kept = [] if dequantized else reader.tensors
+    for tensor in kept:
         writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
                                tensor.tensor_type)
     for name, array in added.items():
@@ -130,7 +135,7 @@ def write_gguf_copy(reader: GGUFReader, path: Path, added: dict[str, np.ndarray]
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for tensor in reader.tensors:
+    for tensor in kept:
         writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
     for array in added.values():
         writer.write_tensor_data(array)
