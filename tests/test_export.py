@@ -372,6 +372,9 @@ def test_export_of_the_shipped_checkpoint_generates_in_stock_transformers(tmp_pa
     assert torch.equal(reloaded["smollm2.tokens"], expected)
     card = (out / "README.md").read_text()
     assert "smollm2-135m" in card and "paradetox.tsv" in card and "| alpha | 1.3 |" in card
+    config = json.loads((out / "config.json").read_text())
+    names = {config[key] for key in ("_name_or_path", "_model_name_or_path") if key in config}
+    assert names == {"out"}  # the exported model, not the base model
 
 
 @pytest.mark.slow
