@@ -122,8 +122,10 @@ SECTIONS: tuple[Section, ...] = (
     Section(
         "Speed and how cost grows",
         "Loading the embedded model, generation with steering live and folded into a bias (on both cores, nothing "
-        "else running), the evaluation sampler against Hugging Face `generate`, where evaluation time goes, "
-        "calibration throughput, and the time of calibration and evaluation as they grow. The evaluation and "
+        "else running), the evaluation sampler against Hugging Face `generate`, where evaluation time goes (by "
+        "phase, and under the profiler by region and operator, with the sampler now and as it was before its "
+        "nucleus choice stopped sorting the whole vocabulary), the throughput goals before and now, calibration "
+        "throughput, and the time of calibration and evaluation as they grow. The evaluation and "
         "calibration tables, and the memory table's wall times, ran on one thread while another one-thread "
         "benchmark used the second core; each ratio is measured within one run, its parts in turn.",
         (Benchmark("load_speed", "load time of the embedded model (cold and cached), generation with and without "
@@ -136,6 +138,16 @@ SECTIONS: tuple[Section, ...] = (
                    "--ckpt {tiny_ckpt} --samples 2 --tokens 2 --repeats 1 --sampler-prompts 1 --split-prompts 1 "
                    "--sizes 1 2 "
                    "--growth-samples 1 --growth-repeats 1"),
+         Benchmark("evaluation_profile", "one evaluation under the profiler: by phase, by region (prefill, decode, "
+                   "perplexity, nucleus, gate) and by operator, with the sampler now and as it was before",
+                   "evaluation_profile-{ckpt.stem}-{sampler}",
+                   ("--sampler before", "", "--ckpt checkpoints/smollm2-135m-gated.ckpt --sampler before",
+                    "--ckpt checkpoints/smollm2-135m-gated.ckpt"),
+                   "--ckpt {tiny_ckpt} --prompts 1 --samples 1 --tokens 2 --top 3"),
+         Benchmark("throughput", "the evaluation throughput goals before and now: sampler against generate, time "
+                   "outside generation, gated against ungated, one protocol point", "throughput",
+                   quick="--samples 1 --tokens 2 --sampler-prompts 1 --split-prompts 1 --repeats 1 "
+                   "--point-per-subset 1 --point-samples 1"),
          Benchmark("calibration_cost", "recording batched against one text at a time, probes, growth with m",
                    "calibration_cost", ("--threads 1 --check-m 1000",),
                    "--model {tiny} --pairs 10 --repeats 1 --sizes 10 12 --size-repeats 1"))),

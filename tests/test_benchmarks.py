@@ -19,7 +19,7 @@ from benchmarks.results import RESULTS, Results
 from benchmarks.runner import listing, main, run
 from benchmarks.timing import in_turn, rotated, spread
 
-EMBEDDED = {"frontier", "gate_scores", "llama_cpp", "memory"}
+EMBEDDED = {"frontier", "gate_scores", "llama_cpp", "memory", "throughput"}
 """The benchmarks whose quick run loads the real embedded model (the others use a tiny one, or none)."""
 HEADER = re.compile(r"## .+\n\n`(?P<command>[^`]+)` on (?P<machine>.+)\.\n\n")
 

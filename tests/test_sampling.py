@@ -167,3 +167,49 @@ def test_a_prompt_without_tokens_is_refused_by_its_id(tiny_steered):
     sampler = PromptSampler(tiny_steered, SamplingSettings(num_samples=1, max_new_tokens=2))
     with pytest.raises(ValueError, match=r"prompt 'rtp:7' has no tokens \(text ''\)"):
         sampler([Prompt("rtp:1", "hello"), Prompt("rtp:7", "")])
+
+
+def test_the_candidate_nucleus_picks_what_sorting_the_whole_vocabulary_picks(monkeypatch):
+    """Peaked rows are decided on the candidates, flat rows and ties across the candidates' edge by a full sort;
+    every row gets the token of the definition."""
+    from destein_pl.evaluation import sampling
+
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", 8)
+    g = torch.Generator().manual_seed(0)
+    peaked = torch.randn(40, 64, generator=g) * 6
+    flat = torch.randn(40, 64, generator=g) * 0.3
+    ties = torch.randn(40, 64, generator=g).round() * 3  # many equal logits, also at the 8th place
+    logits = torch.cat([peaked, flat, ties])
+    u = torch.rand(len(logits), generator=g)
+    for top_p in (0.3, 0.9, 1.0):
+        for temperature in (0.7, 1.0):
+            assert torch.equal(nucleus_choice(logits, u, top_p, temperature),
+                               sampling.full_nucleus_choice(logits, u, top_p, temperature))
+    probs = torch.softmax(peaked, dim=-1).sort(dim=-1, descending=True).values
+    assert ((probs.cumsum(-1) - probs < 0.9).sum(-1) <= 8).any()  # some rows were decided on the candidates
+
+
+@pytest.mark.slow
+def test_the_embedded_model_samples_the_same_with_the_candidate_nucleus(smollm2, monkeypatch):
+    from destein_pl.evaluation import sampling
+
+    model, tokenizer = smollm2
+    steered = SteeredCausalLM(model, tokenizer)
+    prompts = [tokenizer(t)["input_ids"] for t in ("You are such a stupid", "The weather today is")]
+    settings = SamplingSettings(num_samples=4, max_new_tokens=8)
+
+    def draw():
+        return sample(steered, steered.architecture, prompts, ["a", "b"], settings, tokenizer.pad_token_id,
+                      [tokenizer.eos_token_id])
+
+    fast = draw()
+    monkeypatch.setattr(sampling, "nucleus_choice", sampling.full_nucleus_choice)
+    assert draw() == fast
+
+
+def test_tokens_do_not_depend_on_whether_log_probs_are_asked_for():
+    steered = SteeredCausalLM(tiny_model("llama"))
+    prompts, settings = [[5, 6, 7], [8, 9]], SamplingSettings(num_samples=3, max_new_tokens=5)
+    with_them = sample(steered, steered.architecture, prompts, ["a", "b"], settings, 0, [])
+    without = sample(steered, steered.architecture, prompts, ["a", "b"], settings, 0, [], log_probs=False)
+    assert without.tokens == with_them.tokens and without.log_probs is None and with_them.log_probs is not None

@@ -141,12 +141,13 @@ class Evaluator:
         """
         started = time.perf_counter()
         chunks = self._chunks(prompts)
-        made = [self.sampler(chunk) for chunk in chunks]
+        made = [self.sampler(chunk, log_probs=self.judge.reads_log_probs()) for chunk in chunks]
         drain(self.steered.model)
         self.timing["generate_s"] += time.perf_counter() - started
         started = time.perf_counter()
         nll = [[self.judge.mean_nll(ids, p.text, tokens, texts, log_probs)
-                for p, ids, tokens, texts, log_probs in zip(chunk, m.prompt_ids, m.tokens, m.texts, m.log_probs)]
+                for p, ids, tokens, texts, log_probs in zip(chunk, m.prompt_ids, m.tokens, m.texts,
+                                                            m.log_probs or [None] * len(chunk))]
                for chunk, m in zip(chunks, made)]
         self.judge.finish_calls()
         self.timing["perplexity_s"] += time.perf_counter() - started

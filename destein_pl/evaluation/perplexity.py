@@ -126,6 +126,11 @@ class PerplexityJudge:
         collective; see `destein_pl.steering.sharding`)."""
         drain(self.steered.model if self.model is None else self.model)
 
+    def reads_log_probs(self) -> bool:
+        """Whether `mean_nll` reads the sampler's log-probabilities at the model's current alpha (the model judges
+        itself, unsteered), so that the sampler computes them only then."""
+        return self.model is None and self.steered.alpha == 0
+
     def mean_nll(self, prompt_ids: list[int], prompt_text: str, tokens: Sequence[list[int]], texts: Sequence[str],
                  log_probs: Sequence[list[float]] | None = None) -> list[float | None]:
         """Mean negative log-likelihood of each continuation of one prompt.
@@ -139,7 +144,7 @@ class PerplexityJudge:
             return continuation_nll(self.model, self.architecture, prompt, continuations,
                                     self.tokenizer.pad_token_id, self.batch_size)
         steered = self.steered
-        if log_probs is not None and steered.alpha == 0:
+        if log_probs is not None and self.reads_log_probs():
             return [-sum(row) / len(row) if row else None for row in log_probs]
         alpha = steered.alpha
         steered.alpha = 0.0

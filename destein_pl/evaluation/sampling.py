@@ -92,22 +92,73 @@ class SampleResult:
     (temperature 1, before the nucleus cut), which is their log-likelihood when that model is the judge."""
 
     tokens: list[list[list[int]]]
-    log_probs: list[list[list[float]]]
+    log_probs: list[list[list[float]]] | None
+    """None when not asked for (`sample(log_probs=False)`)."""
+
+
+NUCLEUS_CANDIDATES = 1024
+"""Tokens `nucleus_choice` sorts first (the most likely, by `topk`); a row whose nucleus may reach past them, or
+whose candidates tie with the tokens left out, is decided by sorting its whole vocabulary, as before."""
+NUCLEUS_MARGIN = 1e-6
+"""How far the candidates' mass must pass `top_p` for no later token to be in the nucleus: float32 rounding of
+the mass ahead of a token is far below it."""
 
 
 def nucleus_choice(logits: Tensor, uniforms: Tensor, top_p: float, temperature: float) -> Tensor:
     """One token per row from the smallest set of most likely tokens whose probability reaches `top_p`,
-    picked by inverse CDF with the row's uniform number. `temperature == 0` is greedy."""
+    picked by inverse CDF with the row's uniform number. `temperature == 0` is greedy.
+
+    Sorting the whole vocabulary at every step cost more than the model's decode steps; the nucleus is decided on
+    the `NUCLEUS_CANDIDATES` most likely tokens instead, and a row is sorted whole only where that could differ:
+    the same token as `full_nucleus_choice` picks, row by row (ties in stable index order, sums in the same order).
+    """
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    k = min(NUCLEUS_CANDIDATES, probs.shape[-1])
+    if k == probs.shape[-1]:
+        return _pick(probs, uniforms, top_p)
+    values, indices = probs.topk(k, dim=-1, sorted=False)
+    indices, by_index = indices.sort(dim=-1)  # ties among the candidates: lower index first, as a stable sort
+    values = values.gather(-1, by_index)
+    values, order = values.sort(dim=-1, descending=True, stable=True)
+    candidates = indices.gather(-1, order)
+    cumulative = values.cumsum(dim=-1)
+    reaches = cumulative[:, -1] >= top_p + NUCLEUS_MARGIN
+    no_tie = (probs >= values[:, -1:]).sum(dim=-1) == k  # nothing left out ties with the last candidate
+    token, position, size = _pick_sorted(values, candidates, uniforms, top_p)
+    exact = reaches & no_tie & (position < size)
+    if not exact.all():
+        rows = (~exact).nonzero()[:, 0]
+        token[rows] = _pick(probs[rows], uniforms[rows], top_p)
+    return token
+
+
+def full_nucleus_choice(logits: Tensor, uniforms: Tensor, top_p: float, temperature: float) -> Tensor:
+    """`nucleus_choice` sorting the whole vocabulary of every row: the definition it is checked against."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    return _pick(torch.softmax(logits.float() / temperature, dim=-1), uniforms, top_p)
+
+
+def _pick(probs: Tensor, uniforms: Tensor, top_p: float) -> Tensor:
+    """The nucleus pick of each row of `probs`, its whole vocabulary sorted."""
     sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    return _pick_sorted(sorted_probs, order, uniforms, top_p)[0]
+
+
+def _pick_sorted(sorted_probs: Tensor, order: Tensor, uniforms: Tensor, top_p: float
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """The pick from probabilities sorted in descending order (`order`: their tokens), with the position picked
+    and the nucleus size of each row."""
     before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability mass ahead of each token
-    sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the first token is always kept
+    outside = before >= top_p  # the first token is always kept
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
     cdf = sorted_probs.cumsum(dim=-1)
     threshold = uniforms.to(cdf) * cdf[:, -1]
-    position = (cdf <= threshold[:, None]).sum(dim=-1).clamp(max=cdf.shape[-1] - 1)
-    return order.gather(-1, position[:, None]).squeeze(-1)
+    position = (cdf <= threshold[:, None]).sum(dim=-1)
+    token = order.gather(-1, position.clamp(max=cdf.shape[-1] - 1)[:, None]).squeeze(-1)
+    return token, position, (~outside).sum(dim=-1)
 
 
 @torch.no_grad()
@@ -153,6 +204,7 @@ def sample(
     bans: Mapping[tuple[int, ...], Collection[int]] | None = None,
     limits: list[int] | None = None,
     greedy_first: bool = False,
+    log_probs: bool = True,
 ) -> SampleResult:
     """Continue token-id prompts, `settings.num_samples` samples of each, all in one batch with the KV cache.
 
@@ -167,6 +219,7 @@ def sample(
         bans: {a row's last tokens: the tokens it may not take next}; `()` holds those never taken.
         limits: per prompt, at most this many tokens (within `settings.max_new_tokens`).
         greedy_first: each prompt's first sample is greedy, its others sampled.
+        log_probs: also return each token's log-probability (a log-softmax over the vocabulary at every step).
     """
     if len(prompts) != len(keys) or not prompts:
         raise ValueError(f"sample needs one key per prompt and at least one prompt, got {len(prompts)} prompts and "
@@ -213,7 +266,8 @@ def sample(
         active = ~finished
         token = token.masked_fill(finished, pad_token_id)
         steps.append(token)
-        step_log_probs.append(torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None])[:, 0])
+        if log_probs:
+            step_log_probs.append(torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None])[:, 0])
         ended = torch.isin(token, eos) & active
         lengths += (active & ~ended).long()
         finished |= ended | torch.isin(token, stops) | (lengths >= limit)
@@ -233,7 +287,8 @@ def sample(
         counts = lengths.view(len(prompts), repeats)[:, :samples].tolist()
         return [[row[:n] for row, n in zip(rows, ns)] for rows, ns in zip(values, counts)]
 
-    return SampleResult(per_sample(torch.stack(steps, dim=1)), per_sample(torch.stack(step_log_probs, dim=1)))
+    return SampleResult(per_sample(torch.stack(steps, dim=1)),
+                        per_sample(torch.stack(step_log_probs, dim=1)) if log_probs else None)
 
 
 def prompt_limit(steered, settings: SamplingSettings) -> int:
@@ -254,7 +309,7 @@ class Continuations:
 
     prompt_ids: list[list[int]]
     tokens: list[list[list[int]]]
-    log_probs: list[list[list[float]]]
+    log_probs: list[list[list[float]]] | None
     texts: list[list[str]]
 
 
@@ -297,12 +352,13 @@ class PromptSampler:
         self.width = max((len(self.prompt_ids(p, warn=False)) for p in prompts), default=None)
         return self.width
 
-    def __call__(self, prompts) -> Continuations:
-        """`settings.num_samples` continuations of each prompt, with the model's current steering."""
+    def __call__(self, prompts, log_probs: bool = True) -> Continuations:
+        """`settings.num_samples` continuations of each prompt, with the model's current steering (and their
+        tokens' log-probabilities unless `log_probs` is false)."""
         steered, tokenizer = self.steered, self.steered.tokenizer
         prompt_ids = [self.prompt_ids(p) for p in prompts]
         width = None if self.width is None else max(self.width, *(len(ids) for ids in prompt_ids))
         result = sample(steered, steered.architecture, prompt_ids, [p.id for p in prompts], self.settings,
-                        tokenizer.pad_token_id, self.end_tokens, width)
+                        tokenizer.pad_token_id, self.end_tokens, width, log_probs=log_probs)
         texts = [tokenizer.batch_decode(rows, skip_special_tokens=True) for rows in result.tokens]
         return Continuations(prompt_ids, result.tokens, result.log_probs, texts)
