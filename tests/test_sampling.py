@@ -190,10 +190,11 @@ def test_the_candidate_nucleus_picks_what_sorting_the_whole_vocabulary_picks(mon
 
 
 @pytest.mark.slow
-def test_the_embedded_model_samples_the_same_with_the_candidate_nucleus(smollm2, monkeypatch):
+def test_the_embedded_model_samples_the_same_with_the_candidate_nucleus(monkeypatch):
+    from destein_pl import load_base_model
     from destein_pl.evaluation import sampling
 
-    model, tokenizer = smollm2
+    model, tokenizer = load_base_model("smollm2-135m")  # its own copy: the session's may be wrapped already
     steered = SteeredCausalLM(model, tokenizer)
     prompts = [tokenizer(t)["input_ids"] for t in ("You are such a stupid", "The weather today is")]
     settings = SamplingSettings(num_samples=4, max_new_tokens=8)
