@@ -24,7 +24,6 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from unittest import mock
 
-import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks.evaluation import evaluation_config

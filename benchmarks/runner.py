@@ -40,8 +40,9 @@ def run(bench: Benchmark, argv: list[str]) -> Path:
     given = options.runner_options(argv)
     results = Results.at(given.output_dir, options.command(bench, argv))
     args = options.parser(bench).parse_args(options.expanded(bench, argv, results.runs))
-    if bench.missing():
-        raise SystemExit(f"{bench.name} needs the Python module(s) {', '.join(bench.missing())}, which this Python "
+    missing = bench.missing()
+    if missing:
+        raise SystemExit(f"{bench.name} needs the Python module(s) {', '.join(missing)}, which this Python "
                          f"cannot import (`python -m benchmarks {bench.name} --help` says how to get them)")
     threads = torch.get_num_threads()
     if args.threads:
@@ -65,8 +66,9 @@ def standard() -> int:
         if bench.gpu and not torch.cuda.is_available():
             log.info("skipping %s: its standard run needs a CUDA GPU", bench.name)
             continue
-        if bench.missing():
-            log.info("skipping %s: it needs the Python module(s) %s", bench.name, ", ".join(bench.missing()))
+        missing = bench.missing()
+        if missing:
+            log.info("skipping %s: it needs the Python module(s) %s", bench.name, ", ".join(missing))
             continue
         for argv, _ in options.standard_runs(bench):
             shown = options.command(bench, argv)

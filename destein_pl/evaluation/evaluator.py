@@ -201,17 +201,15 @@ class Evaluator:
             write_atomic(folder / "results.md", table + "\n" + notes)
             if self.verbose:
                 print(f"\n{table}\n\nresults: {folder / 'results.json'}")
-            for warning in warnings:
+            missing = sum(r["counts"]["missing_scores"] for r in output["runs"])
+            said = list(warnings)
+            if missing:
+                said.append(f"{missing} toxicity scores are missing (the scorer gave none); their prompts count "
+                            f"without them. Rerun with the same output_dir to score only those again.")
+            for warning in said:
                 log.warning(warning)
                 if self.verbose:
                     print(f"WARNING: {warning}")
-            missing = sum(r["counts"]["missing_scores"] for r in output["runs"])
-            if missing:
-                message = (f"{missing} toxicity scores are missing (the scorer gave none); their prompts count "
-                           f"without them. Rerun with the same output_dir to score only those again.")
-                log.warning(message)
-                if self.verbose:
-                    print(f"WARNING: {message}")
         return output
 
     def run(self, prompts: Sequence[Prompt], batch_size: int = 4, progress: bool = True) -> dict[str, Any]:

@@ -153,6 +153,6 @@ def count_warnings(alpha: float, counts: dict[str, Any]) -> list[str]:
     """What `results.json` and `results.md` flag about one alpha's counts: mostly empty continuations."""
     total, empty = counts["continuations"], counts.get("empty_continuations", 0)
     if total and empty / total > EMPTY_SHARE_WARNING:
-        return [f"alpha={alpha:g}: {empty} of {total} continuations are empty; its toxicity and diversity describe "
-                f"no text (steering too strong, or a model that ends its text at once), not a detoxification"]
+        return [(f"alpha={alpha:g}: {empty} of {total} continuations are empty; its toxicity and diversity describe "
+                 f"no text (steering too strong, or a model that ends its text at once), not a detoxification")]
     return []

@@ -32,9 +32,9 @@ from destein_pl.steering.checkpoint import (
     LIGHTNING_PREFIX,
     STEER_KEY_MARK,
     CheckpointError,
-    check_values,
     check_format,
     check_signature,
+    check_values,
     read_checkpoint,
     steering_options,
 )
