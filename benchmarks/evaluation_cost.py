@@ -25,6 +25,7 @@ those only).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import random
@@ -33,6 +34,7 @@ import tempfile
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -118,12 +120,12 @@ def sampler_speed(steered: SteeredCausalLM, prompts: Sequence[Prompt], samples: 
 # 2 and 3. evaluate() and the timing it records ------------------------------------------------------------------
 
 def timed_evaluation(steered: SteeredCausalLM, prompts: Sequence[Prompt], samples: int, tokens: int,
-                     alphas: list[float], batch_size: int) -> dict[str, float]:
+                     alphas: list[float], batch_size: int, **options: Any) -> dict[str, float]:
     """`evaluate` into a fresh temporary folder: the timing its `results.json` records, `other_s` (its total less
     generation, perplexity and scoring), and `call_s`, the wall time of the whole call (also loading the scorer
-    and reading every prompt's width, which `total_s` leaves out)."""
+    and reading every prompt's width, which `total_s` leaves out). `options`: `EvaluationConfig` fields to set."""
     with tempfile.TemporaryDirectory(prefix="evaluation_cost-") as folder:
-        config = evaluation_config(folder, alphas, samples, tokens)
+        config = dataclasses.replace(evaluation_config(folder, alphas, samples, tokens), **options)
         call = timed(lambda: evaluate(steered, prompts, config, batch_size=batch_size, progress=False,
                                       verbose=False)).seconds
         timing = json.loads((Path(folder) / "results.json").read_text())["timing"]

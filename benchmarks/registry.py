@@ -148,6 +148,10 @@ SECTIONS: tuple[Section, ...] = (
                    "outside generation, gated against ungated, one protocol point", "throughput",
                    quick="--samples 1 --tokens 2 --sampler-prompts 1 --split-prompts 1 --repeats 1 "
                    "--point-per-subset 1 --point-samples 1"),
+         Benchmark("gate_depth", "a gate whose heads come from the first layers only: its shadow pass's cost "
+                   "against its accuracy and the protocol's metrics", "gate_depth",
+                   quick="--ckpt {tiny_ckpt} --layers 1 --per-subset 1 --samples 1 --tokens 2 --timing-prompts 1 "
+                   "--timing-samples 1 --repeats 1"),
          Benchmark("calibration_cost", "recording batched against one text at a time, probes, growth with m",
                    "calibration_cost", ("--threads 1 --check-m 1000",),
                    "--model {tiny} --pairs 10 --repeats 1 --sizes 10 12 --size-repeats 1"))),

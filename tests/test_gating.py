@@ -58,9 +58,12 @@ def logits(model, ids, mask=None, **kwargs):
 def test_settings_are_checked_and_round_trip_through_metadata():
     settings = GateSettings("smooth", threshold=0.3, temperature=0.1, heads=4, window=5)
     assert GateSettings.from_metadata(settings.metadata()) == settings
+    shallow = GateSettings("hard", layers=2)
+    assert GateSettings.from_metadata(shallow.metadata()) == shallow
     assert settings.metadata()["probe_scaling"] == "none"
     assert GateSettings.from_metadata(None) == GateSettings() and not GateSettings().enabled
-    for bad in ({"mode": "soft"}, {"threshold": 1.5}, {"temperature": 0.0}, {"heads": 0}, {"window": 0}):
+    for bad in ({"mode": "soft"}, {"threshold": 1.5}, {"temperature": 0.0}, {"heads": 0}, {"window": 0},
+                {"layers": 0}, {"layers": 1.5}):
         with pytest.raises(ValueError, match="gate"):
             GateSettings(**bad)
     with pytest.raises(ValueError, match="activation scaling 'standard'"):
@@ -171,6 +174,33 @@ def test_with_window_last_k_the_gate_reads_the_feature_the_probes_were_fit_on():
     (layer, head), = probes.top_heads(1)
     logit = features[:, layer, head] @ probes.coef[layer, head] + probes.intercept[layer, head]
     torch.testing.assert_close(score[:, -1], torch.sigmoid(logit), rtol=0, atol=1e-6)
+
+
+def test_a_shallow_gate_reads_only_its_first_layers_and_stops_its_shadow_pass_there():
+    steered = steered_tiny("llama")
+    probes = random_probes(steered)
+    steered.set_gate(GateSettings("smooth", heads=1, window=8, layers=1), probes)
+    ids = random_ids(2, 12)
+    layers = steered.architecture.layer_modules(steered.model)
+    calls = [0] * len(layers)
+    handles = [layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, layer in enumerate(layers)]
+    try:
+        logits(steered.model, ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls[0] == 2 and all(count == 1 for count in calls[1:])  # the shadow pass ran layer 0 only
+    _, score = steered.gate_values(ids)
+    alpha = steered.alpha
+    steered.alpha = 0.0
+    features = steered.record_activations(ids, last_k=8)
+    steered.alpha = alpha
+    head = int(torch.argmax(probes.accuracy[0]))  # the best head of layer 0, whatever the deeper layers hold
+    logit = features[:, 0, head] @ probes.coef[0, head] + probes.intercept[0, head]
+    torch.testing.assert_close(score[:, -1], torch.sigmoid(logit), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="gate layers is 99, but the probes cover"):
+        steered.set_gate(GateSettings("smooth", layers=99), probes)
 
 
 # ---- the gate steers toxic contexts more --------------------------------------------------------------------

@@ -55,7 +55,7 @@ class DeSteinModule(L.LightningModule):
             unsteered norm) or `published` (the authors' code: a normalized shift of the attention output after the
             projection). None: the checkpoint's when testing, `paper` when calibrating.
         gate: how the calibrated probes gate the steering (`GateSettings`: `mode` `none`, `hard` or `smooth`,
-            `threshold`, `temperature`, `heads`, `window`): each row's alpha is scaled by a gate in [0, 1] from the
+            `threshold`, `temperature`, `heads`, `window`, `layers`): each row's alpha is scaled by a gate in [0, 1] from the
             probes' mean toxic probability on the row's context (read from the unsteered model, updated at every
             generated token). None: the checkpoint's gate when testing, `none` when calibrating; when given, the
             whole setting replaces the checkpoint's.

@@ -4,7 +4,8 @@ The paper steers every context, which costs fluency on clean prompts too. The ca
 classifiers (toxic vs non-toxic) over the very head activations being steered; here they decide, per sequence row
 and per position, how much of alpha that row gets.
 
-**The score.** The `heads` heads with the most accurate probes (ties: lower (layer, head) first) are the gate heads.
+**The score.** The `heads` heads with the most accurate probes (ties: lower (layer, head) first; among the first
+`layers` layers when that is set) are the gate heads.
 At every position, each gate head's probe logit `coef . a + intercept` is taken on the head's activation `a` (its
 slice of the output projection's input), and averaged over the last `window` positions of the row (padding
 excluded). As the probes were fit on activations averaged over each text's last `last_k` tokens, and a linear
@@ -86,6 +87,9 @@ class GateSettings:
         temperature: > 0; the smooth gate's width in score units (small: close to hard).
         heads: number of gate heads, those with the most accurate probes (all heads if there are fewer).
         window: the score averages the probe logits over a row's last `window` positions (padding excluded).
+        layers: the gate heads come from the first `layers` decoder layers only (None: from all). The shadow pass
+            runs up to the deepest gate head's layer, so a shallow gate costs less (and its probes are less
+            accurate: `python -m benchmarks gate_depth` measures both).
     """
 
     mode: GateMode = "none"
@@ -93,6 +97,7 @@ class GateSettings:
     temperature: float = 0.05
     heads: int = 16
     window: int = 8
+    layers: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in GATE_MODES:
@@ -105,13 +110,20 @@ class GateSettings:
             raise ValueError(f"gate heads must be an integer >= 1, got {self.heads}")
         if int(self.window) != self.window or not 1 <= self.window <= MAX_WINDOW:
             raise ValueError(f"gate window must be an integer from 1 to {MAX_WINDOW} (positions), got {self.window}")
+        if self.layers is not None and (isinstance(self.layers, bool) or int(self.layers) != self.layers
+                                        or self.layers < 1):
+            raise ValueError(f"gate layers must be an integer >= 1 (the first decoder layers) or None (all), "
+                             f"got {self.layers}")
 
     @property
     def enabled(self) -> bool:
         return self.mode != "none"
 
     def metadata(self) -> dict[str, Any]:
-        return {**asdict(self), "probe_scaling": PROBE_SCALING}
+        """The settings as checkpoint metadata and `results.json` record them; `layers` only when set, so that the
+        steering digest of a gate over all layers is what it was before the option existed."""
+        settings = {k: v for k, v in asdict(self).items() if not (k == "layers" and v is None)}
+        return {**settings, "probe_scaling": PROBE_SCALING}
 
     @classmethod
     def from_metadata(cls, data: Any) -> GateSettings:
@@ -129,8 +141,10 @@ class GateSettings:
         unknown = sorted(set(data) - set(known) - {"probe_scaling"})
         if unknown:
             raise ValueError(f"options.gate has unknown keys {unknown}; known: {', '.join(known)}")
-        for name in ("threshold", "temperature", "heads", "window"):
+        for name in ("threshold", "temperature", "heads", "window", "layers"):
             value = data.get(name, 0)
+            if name == "layers" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"options.gate.{name} must be a number, got {value!r}")
         if not isinstance(data.get("mode", "none"), str):
@@ -183,7 +197,9 @@ class ProbeGate:
         if base is model:
             raise ValueError(f"{type(model).__name__} exposes no base model to run the gate's shadow pass on")
         self.model, self.architecture, self.settings = model, architecture, settings
-        heads = probes.top_heads(settings.heads)
+        if settings.layers is not None and settings.layers > probes.shape[0]:
+            raise ValueError(f"gate layers is {settings.layers}, but the probes cover {probes.shape[0]} layers")
+        heads = probes.top_heads(settings.heads, settings.layers)
         self.heads = heads
         self.taps: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         for layer in sorted({layer for layer, _ in heads}):

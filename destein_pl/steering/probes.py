@@ -49,10 +49,11 @@ class Probes:
         """`(num_layers, num_heads, head_dim)`."""
         return tuple(self.coef.shape)
 
-    def top_heads(self, k: int) -> list[tuple[int, int]]:
-        """The (layer, head) of the `k` most accurate probes (all heads if fewer; ties: lower (layer, head) first),
-        sorted by layer then head."""
-        order = torch.sort(self.accuracy.flatten(), descending=True, stable=True).indices[:k]
+    def top_heads(self, k: int, layers: int | None = None) -> list[tuple[int, int]]:
+        """The (layer, head) of the `k` most accurate probes among the first `layers` layers (None: all; all heads
+        there if fewer; ties: lower (layer, head) first), sorted by layer then head."""
+        accuracy = self.accuracy if layers is None else self.accuracy[:layers]
+        order = torch.sort(accuracy.flatten(), descending=True, stable=True).indices[:k]
         num_heads = self.accuracy.shape[1]
         return sorted((int(i) // num_heads, int(i) % num_heads) for i in order)
 
