@@ -21,6 +21,7 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
@@ -48,6 +49,13 @@ TINY_CONFIGS = {
         max_position_embeddings=128, **_COMMON,
     ),
     "mpt": lambda: MptConfig(n_layers=3, n_heads=4, d_model=32, expansion_ratio=2, max_seq_len=128, **_COMMON),
+    # Gemma 3's layout: one key/value head, heads wider than hidden_size / heads, q/k norms, a post-attention norm,
+    # and sliding-window layers (a window shorter than the tests' sequences) before a global one.
+    "gemma3": lambda: Gemma3TextConfig(
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=16, hidden_size=32,
+        intermediate_size=64, max_position_embeddings=128, query_pre_attn_scalar=16, sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"], **_COMMON,
+    ),
 }
 FAMILIES = list(TINY_CONFIGS)
 SDPA_FAMILIES = [f for f in FAMILIES if f != "mpt"]  # transformers' MPT has only eager attention
@@ -66,6 +74,14 @@ def smollm2():
     from destein_pl import load_base_model
 
     return load_base_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """The real Gemma 3 270M base model (model, tokenizer), loaded once per test session."""
+    from destein_pl import load_base_model
+
+    return load_base_model("gemma3-270m")
 
 
 def save_tiny_model_dir(family: str, path: Path) -> Path:
@@ -126,7 +142,8 @@ def plain_projections(model: torch.nn.Module, family: str) -> list[torch.nn.Modu
     """Each layer's attention output projection, found by hand (not through the registry under test)."""
     paths = {"gpt2": ("transformer.h", "attn.c_proj"), "llama": ("model.layers", "self_attn.o_proj"),
              "mistral": ("model.layers", "self_attn.o_proj"), "qwen2": ("model.layers", "self_attn.o_proj"),
-             "opt": ("model.decoder.layers", "self_attn.out_proj"), "mpt": ("transformer.blocks", "attn.out_proj")}
+             "opt": ("model.decoder.layers", "self_attn.out_proj"), "mpt": ("transformer.blocks", "attn.out_proj"),
+             "gemma3": ("model.layers", "self_attn.o_proj")}
     layers, projection = paths[family]
     return [layer.get_submodule(projection) for layer in model.get_submodule(layers)]
 

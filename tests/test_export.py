@@ -24,7 +24,7 @@ from destein_pl.steering.export import ExportError, export
 from destein_pl.steering.folding import fold, folded_biases
 from tests.conftest import RTP100, TINY_CONFIGS, VOCAB, evaluate_small
 
-EXPORTABLE = ["gpt2", "llama", "mistral", "qwen2", "opt"]
+EXPORTABLE = ["gpt2", "llama", "mistral", "qwen2", "opt", "gemma3"]
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-135m-paradetox.ckpt"
 NEW_TOKENS = 6
 
@@ -151,6 +151,9 @@ def test_export_writes_the_stock_bias_flag_and_explicit_zero_companion_biases(ex
             assert f"model.layers.0.self_attn.{name}.bias" in weights
         if family != "qwen2":  # Qwen2's q/k/v biases are its own
             assert not weights["model.layers.0.self_attn.q_proj.bias"].any()
+    gemma = json.loads((folders["gemma3"] / "config.json").read_text())  # its own stock class, window and all
+    assert gemma["architectures"] == ["Gemma3ForCausalLM"] and gemma["attention_bias"] is True
+    assert gemma["sliding_window"] == 4 and "sliding_attention" in gemma["layer_types"]
     assert json.loads((folders["opt"] / "config.json").read_text())["enable_bias"] is True
     assert json.loads((folders["mistral"] / "destein.json").read_text())["exported_as"] == "llama"
 
@@ -221,6 +224,20 @@ def test_export_refuses_a_mistral_whose_sliding_window_is_in_effect(tmp_path):
     ckpt, _ = tiny_checkpoint(tmp_path, "mistral", config=config)
     with pytest.raises(ExportError, match=r"mistral.*window of 16 tokens in a context of 128"):
         export(str(ckpt), str(tmp_path / "out"))
+
+
+def test_gguf_export_of_a_gemma3_is_refused_with_llama_cpps_reason(tmp_path):
+    from gguf import GGUFReader, GGUFWriter
+
+    from destein_pl.steering.gguf_export import check_gguf_base
+
+    path = tmp_path / "gemma3.gguf"
+    writer = GGUFWriter(str(path), "gemma3")  # a GGUF of llama.cpp's gemma3 architecture (no tensors needed)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ExportError, match=r"gemma3_text .*'gemma3'.*src/models/gemma3.cpp.*format='hf' instead"):
+        check_gguf_base(GGUFReader(path), path, {"architecture": {"model_type": "gemma3_text"}})
 
 
 def test_export_arguments_are_checked_with_errors_naming_them(tmp_path):

@@ -91,6 +91,23 @@ def test_two_processes_evaluate_as_one(setup, tiny_llama_dir, strategy):
 
 
 @pytest.mark.slow
+def test_two_processes_evaluate_a_gemma3_as_one(tmp_path):
+    """Gemma 3's layout (one key/value head, sliding-window layers with a window shorter than the prompts), sharded
+    over 2 processes, as the steered model and as its own sharded perplexity model."""
+    model_dir = save_tiny_model_dir("gemma3", tmp_path / "tiny-gemma3")
+    ckpt = _fit(model_dir, tmp_path / "fit")
+    runs = {}
+    for devices, strategy in ((1, "auto"), (2, "destein_fsdp")):
+        runs[devices] = tmp_path / f"test-{devices}"
+        subprocess.run(_test_cmd(model_dir, model_dir, ckpt, runs[devices], devices, strategy), check=True,
+                       capture_output=True, cwd=tmp_path, timeout=600)
+    one, two = metrics(_results(runs[1])), metrics(_results(runs[2]))
+    assert_same_metrics(two, one)
+    for alpha in one:
+        assert_same_generations(generations(runs[2], alpha), generations(runs[1], alpha))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_two_processes_calibrate_as_one(setup, tiny_llama_dir, strategy):
     """m=9 pairs over 2 processes: the distributed sampler repeats one pair, which must count once."""

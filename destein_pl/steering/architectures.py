@@ -40,6 +40,8 @@ class BiasSlot:
     gguf_arch: str | None = None
     """The llama.cpp architecture (GGUF `general.architecture`) that reads an optional output-projection bias
     tensor `blk.N.attn_output.bias` for this model type; None: no GGUF export."""
+    gguf_note: str = ""
+    """Why there is no GGUF export (quoted in its refusal), where llama.cpp has a graph for the model type."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,15 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             BiasSlot("qwen2", stock=False, export_as="llama",
                      note="transformers' Qwen2Attention has q/k/v biases but creates o_proj with bias=False"),
         ),
+    ),
+    Architecture(
+        # Gemma 3's attention output passes through its own RMSNorm (`post_attention_layernorm`) before the
+        # residual add, so the steering shifts the direction of the attention output, not the residual by a fixed
+        # amount; and its heads are wider than hidden_size / heads (4 x 256 against 640 for the 270M model).
+        "gemma3", ("gemma3_text",), layers="model.layers", attention="self_attn", projection="o_proj",
+        bias_slots=(BiasSlot("gemma3_text", flag="attention_bias", companions=_QKV, gguf_note=(
+            "llama.cpp's gemma3 graph (src/models/gemma3.cpp) passes no bias to its attention output projection "
+            "(build_attn(..., wo, NULL, ...)), so a folded blk.N.attn_output.bias would be ignored")),),
     ),
     Architecture(
         "opt", ("opt",), layers="model.decoder.layers", attention="self_attn", projection="out_proj",

@@ -92,9 +92,10 @@ def check_gguf_base(reader: GGUFReader, source: Path, metadata: dict[str, Any]) 
     family = next(a for a in ARCHITECTURES if model_type in a.model_types)
     slot = family.bias_slot(model_type)
     if slot.gguf_arch is None or slot.gguf_arch != arch_name:
+        reason = slot.gguf_note or ("no llama.cpp architecture known here reads an optional "
+                                    "blk.N.attn_output.bias for it")
         raise ExportError(f"cannot export a {model_type} model (family {family.family}, GGUF architecture "
-                          f"{arch_name!r}) as GGUF: no llama.cpp architecture known here reads an optional "
-                          "blk.N.attn_output.bias for it; export format='hf' instead")
+                          f"{arch_name!r}) as GGUF: {reason}; export format='hf' instead")
     existing = [t.name for t in reader.tensors if t.name.endswith("attn_output.bias")]
     if existing:
         raise ExportError(f"{source} already has output biases ({existing[0]}, ...); folding into them would change "

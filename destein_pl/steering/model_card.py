@@ -81,7 +81,8 @@ def describe_base(name: str) -> str:
     if name in BUILTIN_MODELS:
         builtin = BUILTIN_MODELS[name]
         return (f"`{name}`: {builtin.gguf_file} from the `{builtin.distribution}` package "
-                f"(version {builtin.version()}), dequantized to float32 for folding")
+                f"(version {builtin.version()}), dequantized to float32 for folding; its weights come under "
+                f"{builtin.terms}")
     return f"`{name}`"
 
 
