@@ -1,28 +1,32 @@
-"""The paper's ablation claims (its Tables 5, 9 and 11), measured on SmolLM2-135M with the development protocol of
-`benchmarks/frontier.py` (same seeded `tune` sample, profanity-check scorer, perplexity under the unsteered model).
+"""The paper's ablation claims (its Tables 5, 9 and 11), measured on SmolLM2-135M (or `--model`, e.g. gemma3-270m)
+with the development protocol of `benchmarks/frontier.py` (same seeded `tune` sample, profanity-check scorer,
+perplexity under the unsteered model).
 
     python -m benchmarks claims [--samples 25] [--per-subset 100] [--only NAME...]  # evaluate, then the table
     python -m benchmarks claims --table-only [--samples 25] [--per-subset 100]     # the table from stored runs
+    python -m benchmarks claims --model gemma3-270m --alpha A ...                  # another model, at its alpha
 
 Every steered setting is calibrated here, in this process, exactly as `destein fit` would (`calibrate()`, pairs
-sampled with seed 0, the paper's cues, batches of 8) and evaluated at alpha 1.3 (the shipped checkpoints' alpha)
-with the paper's fusion and no gate; only the ablated ingredient changes:
+sampled with seed 0, the paper's cues, batches of 8) and evaluated at alpha 1.3 (the shipped SmolLM2 checkpoints'
+alpha; `--alpha` for another model) with the paper's fusion and no gate; only the ablated ingredient changes:
 
 - head-wise probe weights against uniform ones (weight 1 for every head);
 - only the top half of the heads by probe accuracy against only the bottom half (paper Table 11);
 - the number of pairs m = 5, 10, 20, 40, 80 (paper Table 9: m = 5 to 60);
-- self-induced pairs with parallel rewrites (`lexical` rewriter, `checkpoints/smollm2-135m-self-induced-pairs.jsonl`)
-  against self-induced non-parallel pairs (the `none` rewriter, made by `destein induce --config
-  configs/smollm2-135m-induce.yaml --rewriter none --output_dir runs/induce/smollm2-135m-none`);
-- the authors' published-code fusion (alpha 0.2 and 0.3, on its unit scale) against the paper's.
+- self-induced pairs with parallel rewrites (`lexical` rewriter, `checkpoints/smollm2-135m-self-induced-pairs.jsonl`;
+  another model's from `destein induce --config configs/<model>-induce.yaml`, in `runs/induce/<model>/`) against
+  self-induced non-parallel pairs (the `none` rewriter, made by the same command with `--rewriter none --output_dir
+  runs/induce/<model>-none`);
+- the authors' published-code fusion (alpha 0.2 and 0.3, on its unit scale) against the paper's (a model whose heads
+  do not slice its hidden size, as Gemma 3's, refuses it: the table says so).
 
 The reference ("DeStein") is 40 ParaDetox pairs. Each verdict compares EMT, on the toxic prompts and on all prompts,
 with a paired bootstrap over prompts (2,000 resamples, seed 0): the claim holds or fails when the 95% interval of the
 difference excludes 0; otherwise the sample cannot tell. Runs are stored under
 `runs/claims/tune-n<per subset>-s<samples>/<setting>/` (`-t<tokens>` added for other than 20 tokens) and resume (a
 larger sample reuses a smaller one's generations when its folders are copied there); the table goes to
-`docs/results/claims-n<per subset>-s<samples>.md`. `--model` steers another model (a folder or a built-in name) the
-same way.
+`docs/results/claims-n<per subset>-s<samples>.md`. Another `--model` (a built-in name or a folder) is stored under
+`runs/claims/<name>/` and written to `claims-<name>-n<per subset>-s<samples>.md`.
 """
 
 from __future__ import annotations
@@ -48,16 +52,27 @@ from benchmarks.frontier import (
     summarize,
 )
 from benchmarks.results import DATA, ROOT, RUNS, Results
+from destein_pl.files import read_text
 
 log = logging.getLogger(__name__)
 
 MODEL = "smollm2-135m"
 ALPHA = 1.3
-PAIRS = {
-    "paradetox": DATA / "paradetox" / "paradetox.tsv",
-    "self-induced-parallel": ROOT / "checkpoints" / "smollm2-135m-self-induced-pairs.jsonl",
-    "self-induced-nonparallel": RUNS / "induce" / "smollm2-135m-none" / "pairs.jsonl",
-}
+TITLES = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma 3 270M"}
+"""Each built-in model's name in a table's title."""
+
+
+def pairs_file(pairs: str, model: str) -> Path:
+    """The pairs of a setting: ParaDetox, or a model's own self-induced pairs (parallel: the lexical rewriter's, by
+    `destein induce --config configs/<model>-induce.yaml`, shipped for SmolLM2; non-parallel: the same command with
+    `--rewriter none --output_dir runs/induce/<model>-none`)."""
+    name = Path(model).name
+    if pairs == "paradetox":
+        return DATA / "paradetox" / "paradetox.tsv"
+    if pairs == "self-induced-parallel":
+        shipped = ROOT / "checkpoints" / f"{name}-self-induced-pairs.jsonl"
+        return shipped if shipped.is_file() else RUNS / "induce" / name / "pairs.jsonl"
+    return RUNS / "induce" / f"{name}-none" / "pairs.jsonl"
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "base": {"alpha": 0.0},
@@ -101,8 +116,9 @@ CLAIMS: list[dict[str, Any]] = [
 """The paper's numbers (EMT, PPL; None where it has none): GPT2-large, Perspective API, its full evaluation."""
 
 
-def calibrated(steered, name: str):
-    """The model steered as setting `name` says (calibrated on its pairs), or unsteered for `base`."""
+def calibrated(steered, name: str, model: str, alpha: float):
+    """The model steered as setting `name` says (calibrated on its pairs, at `alpha` unless the setting names its
+    own), or unsteered for `base`."""
     from destein_pl import CalibrationOptions, PairsConfig, calibrate, load_pairs
     from destein_pl.calibration.vectors import head_weights
 
@@ -110,19 +126,20 @@ def calibrated(steered, name: str):
     if name == "base":
         steered.set_steering(torch.zeros_like(steered.vectors), torch.zeros_like(steered.head_weights), 0.0)
         return steered
-    source = PAIRS[setting.get("pairs", "paradetox")]
+    source = pairs_file(setting.get("pairs", "paradetox"), model)
     if not source.is_file():
         raise SystemExit(f"{name}: no pairs file {source}; `python -m benchmarks claims --help` says which command "
                          f"makes it")
+    alpha = setting.get("alpha", alpha)
     pairs = load_pairs(PairsConfig(source=str(source), m=setting.get("m", 40), seed=0))
     heads = setting.get("heads")
     half = steered.head_weights.numel() // 2
-    options = CalibrationOptions(alpha=setting.get("alpha", ALPHA), head_weights=setting.get("head_weights", "probe"),
+    options = CalibrationOptions(alpha=alpha, head_weights=setting.get("head_weights", "probe"),
                                  top_k_heads=half if heads == "top" else None, fusion=setting.get("fusion", "paper"))
     calibration = calibrate(steered, pairs, options, progress=False)
     if heads == "bottom":  # every head outside the top half, with its probe weight
         top = head_weights(calibration.probes.accuracy, "uniform", top_k=half)
-        steered.set_steering(calibration.vectors, calibration.probes.accuracy * (1 - top), ALPHA)
+        steered.set_steering(calibration.vectors, calibration.probes.accuracy * (1 - top), alpha)
     return steered
 
 
@@ -158,7 +175,8 @@ def verdict(out: Path, first: str, second: str, expect: str) -> str:
     return f"EMT({first}) - EMT({second}): " + "; ".join(parts)
 
 
-def table(out: Path, per_subset: int, samples: int, tokens: int, results: Results, command: str) -> None:
+def table(out: Path, model: str, alpha: float, per_subset: int, samples: int, tokens: int, results: Results,
+          command: str) -> None:
     """The claims table from the stored runs, with the paper's numbers beside ours."""
     rows = {f.name: summarize(f) for f in out.iterdir() if (f / "setting.json").is_file()} if out.is_dir() else {}
     if "base" not in rows:
@@ -170,7 +188,7 @@ def table(out: Path, per_subset: int, samples: int, tokens: int, results: Result
         return f"{value:.{digits}f}" + ("" if row is base else f" ({100 * (value / ref - 1):+.0f}%)")
 
     lines = [(f"Tune sample of `benchmarks/frontier.py`, {per_subset} toxic + {per_subset} non-toxic prompts, "
-             f"{samples} continuations of {tokens} tokens, nucleus 0.9, profanity-check scorer; alpha {ALPHA:g}, paper "
+             f"{samples} continuations of {tokens} tokens, nucleus 0.9, profanity-check scorer; alpha {alpha:g}, paper "
              f"fusion, no gate; reference: 40 ParaDetox pairs. Paper: GPT2-large, Perspective API, alpha 0.4, "
              f"its own evaluation; its reference is 20 self-induced pairs with GPT-4 rewrites. Percentages are "
              f"against our base model (toxic EMT {base['toxic']['emt']:.3f}, PPL {base['toxic']['ppl']:.2f}; "
@@ -180,6 +198,11 @@ def table(out: Path, per_subset: int, samples: int, tokens: int, results: Result
         names = [r[0] for r in claim["rows"]]
         missing = [n for n in names if n not in rows]
         lines.append(f"**Claim: {claim['claim']}.**")
+        refused = [n for n in missing if (out / n / REFUSED).is_file()]
+        if refused:
+            reason = read_text(out / refused[0] / REFUSED, "refusal").strip()
+            lines += [f"Not measured: {title_of(model)} refuses {', '.join(refused)}: {reason}", ""]
+            continue
         if missing:
             lines += [f"Not measured: no stored run for {', '.join(missing)}.", ""]
             continue
@@ -197,38 +220,77 @@ def table(out: Path, per_subset: int, samples: int, tokens: int, results: Result
         if "same" in claim:
             lines.append(f"Saturation: {verdict(out, *claim['same'], 'same')}.")
         lines.append("")
-    results.write(f"claims-n{per_subset}-s{samples}", "The paper's claims on SmolLM2-135M", "\n".join(lines), command)
+    stem = f"claims{model_tag(model)}-n{per_subset}-s{samples}"
+    results.write(stem, f"The paper's claims on {title_of(model)}", "\n".join(lines), command)
 
 
-def evaluate_settings(model: str, out: Path, names: list[str], per_subset: int, samples: int, tokens: int) -> None:
+REFUSED = "refused.txt"
+"""A setting's file holding why the model refuses it (the published fusion on a model whose heads do not slice its
+hidden size), in place of its run."""
+
+
+def evaluate_settings(model: str, alpha: float, out: Path, names: list[str], per_subset: int, samples: int,
+                      tokens: int) -> None:
     """Evaluate the named settings (skipping stored ones; an interrupted one resumes)."""
     from destein_pl import SteeredCausalLM, load_base_model
+    from destein_pl.files import write_atomic
 
     prompts = split_prompts("tune", per_subset)
     steered = SteeredCausalLM(*load_base_model(model))
     for name in names:
         folder = out / name
-        if (folder / "setting.json").is_file():
+        if (folder / "setting.json").is_file() or (folder / REFUSED).is_file():
             continue
         log.info("%s", name)
-        calibrated(steered, name)
+        try:
+            calibrated(steered, name, model, alpha)
+        except ValueError as error:
+            if "fusion" not in SETTINGS[name]:
+                raise
+            log.warning("%s: refused by %s: %s", name, model, error)
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(folder / REFUSED, f"{error}\n")
+            continue
         evaluate_setting(steered, prompts, folder, samples, tokens,
-                         {"series": name, "alpha": ALPHA, **SETTINGS[name]})
+                         {"series": name, "alpha": alpha, **SETTINGS[name]})
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
     add_protocol_options(parser)
     parser.add_argument("--only", nargs="*", choices=list(SETTINGS), default=None, help="run only these settings")
     parser.add_argument("--table-only", action="store_true", help="evaluate nothing: the table from stored runs")
-    parser.add_argument("--model", default=MODEL, help=f"the model steered (default {MODEL})")
+    parser.add_argument("--model", default=MODEL, help=f"the model steered, a built-in name or a folder (default "
+                                                       f"{MODEL}); another than {MODEL} is stored and written under "
+                                                       f"its name")
+    parser.add_argument("--alpha", type=float, default=ALPHA,
+                        help=f"the reference's alpha, and every setting's that names none (default {ALPHA:g}, "
+                             f"chosen for {MODEL}; another model's comes from its frontier's tune sample)")
+
+
+def title_of(model: str) -> str:
+    """A model's name in the table's title: a built-in model's own, a folder's name."""
+    return TITLES.get(model, Path(model).name)
+
+
+def model_tag(model: str) -> str:
+    """The part of the results file's and runs folder's names that says the model: none for SmolLM2 (whose files
+    predate other models), else its name or its folder's (`claims-gemma3-270m-n50-s10`)."""
+    return "" if model == MODEL else f"-{Path(model).name}"
+
+
+def output_fields(args: argparse.Namespace) -> dict[str, str]:
+    return {"model_tag": model_tag(args.model)}
 
 
 def run(args: argparse.Namespace, results: Results) -> None:
-    out = stored_runs("claims", results.runs, "tune", args.per_subset, args.samples, args.tokens)
+    kind = "claims" + model_tag(args.model).replace("-", "/", 1)
+    out = stored_runs(kind, results.runs, "tune", args.per_subset, args.samples, args.tokens)
     if not args.table_only:
-        evaluate_settings(args.model, out, args.only or list(SETTINGS), args.per_subset, args.samples, args.tokens)
+        evaluate_settings(args.model, args.alpha, out, args.only or list(SETTINGS), args.per_subset, args.samples,
+                          args.tokens)
     other = [*([] if args.tokens == PROTOCOL_TOKENS else ["--tokens", str(args.tokens)]),
-             *([] if args.model == MODEL else ["--model", args.model])]
+             *([] if args.model == MODEL else ["--model", args.model]),
+             *([] if args.alpha == ALPHA else ["--alpha", f"{args.alpha:g}"])]
     command = shlex.join(["python", "-m", "benchmarks", "claims", "--samples", str(args.samples), "--per-subset",
                           str(args.per_subset), *other])  # what evaluates every setting and writes the whole table
-    table(out, args.per_subset, args.samples, args.tokens, results, command)
+    table(out, args.model, args.alpha, args.per_subset, args.samples, args.tokens, results, command)

@@ -26,7 +26,7 @@ import logging
 import random
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,35 +36,58 @@ from benchmarks.results import DATA, ROOT, RUNS, Results
 log = logging.getLogger(__name__)
 
 RTP = DATA / "rtp"
-CHECKPOINTS = {
-    "paradetox-1000": ROOT / "checkpoints" / "smollm2-135m-gated.ckpt",
-    "paradetox-40": ROOT / "checkpoints" / "smollm2-135m-paradetox.ckpt",
-    "self-induced-lexical": ROOT / "checkpoints" / "smollm2-135m-self-induced.ckpt",
-    "self-induced-fewshot": RUNS / "checkpoints" / "smollm2-135m-self-fewshot.ckpt",
-}
-"""Steering of each series: the frontier's on 1,000 ParaDetox pairs (the shipped gated checkpoint, whose steering
-`destein fit --config configs/smollm2-135m.yaml --config configs/overlays/smollm2-135m-gated.yaml` makes again); the
-pair comparisons on 40 (the paper's m). The few-shot self-induced one is made by `destein induce --config
-configs/smollm2-135m-fewshot-induce.yaml`, then `destein fit --config configs/smollm2-135m.yaml --config
-configs/overlays/smollm2-135m-self-fewshot.yaml`."""
 SUBSET_SIZE = 100
 SPLIT_SEED = 2024
 
 GATE = {"mode": "smooth", "threshold": 0.28, "temperature": 0.05, "heads": 16, "window": 8}
 """Smooth gate: threshold and temperature from `gate_scores` on the tune prompts."""
 
-SHIPPED = {"series": "shipped", "checkpoint": "paradetox-1000"}
-"""The shipped gated checkpoint at its own defaults (alpha, fusion, gate): what a user of it gets."""
 
-SWEEP: list[dict[str, Any]] = [
-    *({"series": "paper", "alpha": a} for a in (0.9, 1.3, 1.8)),
-    *({"series": "smooth-paper", "alpha": a, "gate": GATE} for a in (1.3, 1.8, 2.5)),
-    *({"series": "hard-paper", "alpha": a, "gate": {**GATE, "mode": "hard"}} for a in (1.8,)),
-    *({"series": "norm_preserving", "alpha": a, "fusion": "norm_preserving"} for a in (1.3, 2.0)),
-    *({"series": "published", "alpha": a, "fusion": "published"} for a in (0.1, 0.3)),
-    *({"series": f"pairs-{c}", "alpha": 1.3, "checkpoint": c}
-      for c in ("paradetox-40", "self-induced-lexical", "self-induced-fewshot")),
-]
+@dataclass(frozen=True)
+class Frontier:
+    """One model's frontier: its steering checkpoints, the settings swept on the tune sample, and the shipped
+    checkpoint (at its own defaults: what a user of it gets)."""
+
+    model: str
+    title: str
+    checkpoints: dict[str, Path]
+    sweep: list[dict[str, Any]]
+    steering: str
+    """The checkpoint of a setting that names none."""
+    shipped: dict[str, Any]
+
+
+SMOLLM2 = Frontier(
+    "smollm2-135m", "SmolLM2-135M",
+    {"paradetox-1000": ROOT / "checkpoints" / "smollm2-135m-gated.ckpt",
+     "paradetox-40": ROOT / "checkpoints" / "smollm2-135m-paradetox.ckpt",
+     "self-induced-lexical": ROOT / "checkpoints" / "smollm2-135m-self-induced.ckpt",
+     "self-induced-fewshot": RUNS / "checkpoints" / "smollm2-135m-self-fewshot.ckpt"},
+    [*({"series": "paper", "alpha": a} for a in (0.9, 1.3, 1.8)),
+     *({"series": "smooth-paper", "alpha": a, "gate": GATE} for a in (1.3, 1.8, 2.5)),
+     *({"series": "hard-paper", "alpha": a, "gate": {**GATE, "mode": "hard"}} for a in (1.8,)),
+     *({"series": "norm_preserving", "alpha": a, "fusion": "norm_preserving"} for a in (1.3, 2.0)),
+     *({"series": "published", "alpha": a, "fusion": "published"} for a in (0.1, 0.3)),
+     *({"series": f"pairs-{c}", "alpha": 1.3, "checkpoint": c}
+       for c in ("paradetox-40", "self-induced-lexical", "self-induced-fewshot"))],
+    "paradetox-1000", {"series": "shipped", "checkpoint": "paradetox-1000"})
+"""SmolLM2's series: the frontier's steering on 1,000 ParaDetox pairs (the shipped gated checkpoint, whose steering
+`destein fit --config configs/smollm2-135m.yaml --config configs/overlays/smollm2-135m-gated.yaml` makes again); the
+pair comparisons on 40 (the paper's m). The few-shot self-induced one is made by `destein induce --config
+configs/smollm2-135m-fewshot-induce.yaml`, then `destein fit --config configs/smollm2-135m.yaml --config
+configs/overlays/smollm2-135m-self-fewshot.yaml`."""
+
+GEMMA3 = Frontier(
+    "gemma3-270m", "Gemma 3 270M",
+    {"paradetox-40": ROOT / "checkpoints" / "gemma3-270m-paradetox.ckpt",
+     "paradetox-1000": ROOT / "checkpoints" / "gemma3-270m-gated.ckpt"},
+    [*({"series": "paper", "alpha": a} for a in (0.3, 0.4, 0.5, 0.6, 0.75, 1.3)),
+     *({"series": "norm_preserving", "alpha": a, "fusion": "norm_preserving"} for a in (0.6,))],
+    "paradetox-40", {"series": "shipped", "checkpoint": "paradetox-40"})
+"""Gemma's series on the 40-pair checkpoint of `destein fit --config configs/gemma3-270m.yaml`, at lower alphas than
+SmolLM2's (`paper-a1.3` is SmolLM2's alpha; docs/models.md says why the scale differs)."""
+
+FRONTIERS = {f.model: f for f in (SMOLLM2, GEMMA3)}
 
 
 def add_protocol_options(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +106,18 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     add_protocol_options(parser)
     parser.add_argument("--only", nargs="*", default=None, help="run only these setting names (e.g. base paper-a1.3)")
     parser.add_argument("--table-only", action="store_true", help="evaluate nothing: the table from stored runs")
+    parser.add_argument("--model", choices=list(FRONTIERS), default=SMOLLM2.model,
+                        help=f"whose frontier: its checkpoints and sweep (default {SMOLLM2.model})")
+
+
+def output_fields(args: argparse.Namespace) -> dict[str, str]:
+    """`{model_tag}` of the results file's name: empty for SmolLM2 (whose files predate the option), else the
+    model's name."""
+    return {"model_tag": model_tag(args.model)}
+
+
+def model_tag(model: str) -> str:
+    return "" if model == SMOLLM2.model else f"-{model}"
 
 
 def split_prompts(split: str, per_subset: int = SUBSET_SIZE):
@@ -104,11 +139,11 @@ def setting_name(setting: dict[str, Any]) -> str:
     return f"{setting['series']}-a{setting['alpha']:g}"
 
 
-def settings_of(split: str, only: list[str] | None) -> list[dict[str, Any]]:
+def settings_of(frontier: Frontier, split: str, only: list[str] | None) -> list[dict[str, Any]]:
     """The settings a split evaluates: the base model and the sweep (and, on report, the shipped checkpoint), or
     those of them named in `only` (which report needs: it evaluates the settings chosen on tune)."""
     settings = [{"series": "base", "alpha": 0.0, "checkpoint": "paradetox-40"}]
-    settings += [SHIPPED] * (split == "report") + SWEEP
+    settings += [frontier.shipped] * (split == "report") + frontier.sweep
     if split == "report" and not only:
         raise SystemExit("the report sample evaluates the settings chosen on the tune sample: name them with --only")
     if only:
@@ -123,8 +158,9 @@ def settings_of(split: str, only: list[str] | None) -> list[dict[str, Any]]:
 class Runner:
     """Evaluates settings in one process, reusing the loaded model across settings of the same checkpoint."""
 
-    def __init__(self, split: str, samples: int, tokens: int, per_subset: int, out: Path) -> None:
-        self.split, self.samples, self.tokens, self.out = split, samples, tokens, out
+    def __init__(self, frontier: Frontier, split: str, samples: int, tokens: int, per_subset: int,
+                 out: Path) -> None:
+        self.frontier, self.split, self.samples, self.tokens, self.out = frontier, split, samples, tokens, out
         self.prompts = split_prompts(split, per_subset)
         self.models: dict[str, Any] = {}
 
@@ -132,17 +168,18 @@ class Runner:
         from destein_pl import SteeredCausalLM
 
         if checkpoint not in self.models:
-            self.models[checkpoint] = SteeredCausalLM.from_checkpoint(CHECKPOINTS[checkpoint])
+            self.models[checkpoint] = SteeredCausalLM.from_checkpoint(self.frontier.checkpoints[checkpoint])
         return self.models[checkpoint]
 
     def run(self, setting: dict[str, Any]) -> dict[str, Any]:
         from destein_pl import GateSettings, SteeredCausalLM
 
         folder = self.out / setting_name(setting)
-        checkpoint = setting.get("checkpoint", "paradetox-1000")
-        if setting is SHIPPED:  # a model of its own, whose options nothing overrides
-            steered = SteeredCausalLM.from_checkpoint(CHECKPOINTS[checkpoint])
-            setting = {**setting, "alpha": steered.alpha, "fusion": steered.fusion, "gate": asdict(steered.gate)}
+        checkpoint = setting.get("checkpoint", self.frontier.steering)
+        if setting is self.frontier.shipped:  # a model of its own, whose options nothing overrides
+            steered = SteeredCausalLM.from_checkpoint(self.frontier.checkpoints[checkpoint])
+            gate = asdict(steered.gate) if steered.gate is not None else None
+            setting = {**setting, "alpha": steered.alpha, "fusion": steered.fusion, "gate": gate}
         else:
             steered = self.model(checkpoint)
             steered.fusion = setting.get("fusion", "paper")
@@ -193,7 +230,8 @@ def summarize(folder: Path) -> dict[str, Any]:
     return row
 
 
-def table(split: str, samples: int, tokens: int, per_subset: int, out: Path, results: Results) -> None:
+def table(frontier: Frontier, split: str, samples: int, tokens: int, per_subset: int, out: Path,
+          results: Results) -> None:
     """Markdown table and plot of every stored setting of a split, relative to its base run."""
     from destein_pl.plots import frontier_plot
 
@@ -218,22 +256,25 @@ def table(split: str, samples: int, tokens: int, per_subset: int, out: Path, res
     given = {"split": split, "samples": samples, "per-subset": per_subset, "tokens": tokens}
     protocol = {"split": "tune", "samples": PROTOCOL_SAMPLES, "per-subset": SUBSET_SIZE, "tokens": PROTOCOL_TOKENS}
     options = "".join(f" --{k} {v}" for k, v in given.items() if v != protocol[k])
+    options += f" --model {frontier.model}" if frontier is not SMOLLM2 else ""
     command = f"python -m benchmarks frontier{options} --only {' '.join(r['name'] for r in rows)}"
     text = (f"Development protocol, `{split}` sample ({per_subset} toxic + {per_subset} non-toxic prompts, "
             f"{samples} continuations of {tokens} tokens, nucleus 0.9, profanity-check scorer, perplexity under the "
             f"unsteered model). Percentages are against the base model on the same prompts.\n\n" + "\n".join(lines))
-    stem = f"frontier-{split}-n{per_subset}-s{samples}"
-    results.write(stem, f"Quality frontier, {split} sample: {per_subset} + {per_subset} prompts, {samples} "
+    stem = f"frontier{model_tag(frontier.model)}-{split}-n{per_subset}-s{samples}"
+    results.write(stem, f"Quality frontier of {frontier.title}, {split} sample: {per_subset} + {per_subset} prompts, {samples} "
                   f"continuations", text, command)
     frontier_plot(rows, results.path(stem, ".png"),
-                  title=f"SmolLM2-135M, {split} sample, {samples} continuations per prompt")
+                  title=f"{frontier.title}, {split} sample, {samples} continuations per prompt")
 
 
 def run(args: argparse.Namespace, results: Results) -> None:
-    out = stored_runs("frontier", results.runs, args.split, args.per_subset, args.samples, args.tokens)
+    frontier = FRONTIERS[args.model]
+    kind = "frontier" + model_tag(frontier.model).replace("-", "/", 1)
+    out = stored_runs(kind, results.runs, args.split, args.per_subset, args.samples, args.tokens)
     if not args.table_only:
-        runner = Runner(args.split, args.samples, args.tokens, args.per_subset, out)
-        for setting in settings_of(args.split, args.only):
+        runner = Runner(frontier, args.split, args.samples, args.tokens, args.per_subset, out)
+        for setting in settings_of(frontier, args.split, args.only):
             log.info("%s", setting_name(setting))
             runner.run(setting)
-    table(args.split, args.samples, args.tokens, args.per_subset, out, results)
+    table(frontier, args.split, args.samples, args.tokens, args.per_subset, out, results)

@@ -60,8 +60,10 @@ def expanded(benchmark: Benchmark, argv: list[str], runs: Path) -> list[str]:
 
 
 def output_name(benchmark: Benchmark, args: argparse.Namespace) -> str:
-    """The results file (without `.md`) that a run with these options writes."""
-    return benchmark.output.format(**vars(args))
+    """The results file (without `.md`) that a run with these options writes: the registry's pattern filled from the
+    options, and from the fields a module derives from them (its `output_fields(args)`, where it has one)."""
+    derived = getattr(module(benchmark), "output_fields", None)
+    return benchmark.output.format(**vars(args), **(derived(args) if derived else {}))
 
 
 def standard_runs(benchmark: Benchmark) -> list[tuple[list[str], str]]:

@@ -66,7 +66,8 @@ SECTIONS: tuple[Section, ...] = (
         "every setting mixes strength with direction: uniform weights steer harder than probe weights, and pay for "
         "it in perplexity.",
         (Benchmark("claims", "the paper's ablations: head weights, top/bottom heads, m, parallel and self-induced "
-                   "pairs, fusion", "claims-n{per_subset}-s{samples}", ("--samples 10 --per-subset 50",),
+                   "pairs, fusion", "claims{model_tag}-n{per_subset}-s{samples}",
+                   ("--samples 10 --per-subset 50", "--samples 10 --per-subset 50 --model gemma3-270m --alpha 0.4"),
                    "--model {tiny} --samples 1 --tokens 2 --per-subset 1 --only base destein m5 m10 m20 m80"),)),
     Section(
         "Choosing alpha",
@@ -81,16 +82,18 @@ SECTIONS: tuple[Section, ...] = (
         "ones, from `benchmarks/frontier.py` (the README's \"Gating and fusion variants\" section discusses them), "
         "and how well the gate's probe score separates toxic from non-toxic prompts.",
         (Benchmark("frontier", "the quality frontier of fusion variants, gate and pairs on the development protocol",
-                   "frontier-{split}-n{per_subset}-s{samples}",
+                   "frontier{model_tag}-{split}-n{per_subset}-s{samples}",
                    ("--samples 10 --only base paper-a0.9 paper-a1.3 smooth-paper-a1.3 smooth-paper-a1.8",
                     "--split report --samples 10 --only base paper-a1.3 shipped",
                     "--samples 10 --per-subset 25 --only base hard-paper-a1.8 norm_preserving-a1.3 norm_preserving-a2 "
                     "pairs-paradetox-40-a1.3 pairs-self-induced-fewshot-a1.3 pairs-self-induced-lexical-a1.3 "
                     "paper-a0.9 paper-a1.3 paper-a1.8 published-a0.1 published-a0.3 smooth-paper-a1.3 "
-                    "smooth-paper-a1.8"),
+                    "smooth-paper-a1.8",
+                    "--model gemma3-270m --samples 10 --per-subset 50",
+                    "--model gemma3-270m --split report --samples 10 --only base shipped"),
                    "--samples 1 --tokens 2 --per-subset 1 --only base pairs-paradetox-40-a1.3"),
          Benchmark("gate_scores", "how well the gate's probe score separates toxic from non-toxic prompts (AUROC, "
-                   "threshold)", "gate_scores-{split}", ("", "--split report"),
+                   "threshold)", "gate_scores{model_tag}-{split}", ("", "--split report"),
                    "--per-subset 2 --checkpoints paradetox-1000"))),
     Section(
         "Scorer fidelity",
@@ -108,7 +111,7 @@ SECTIONS: tuple[Section, ...] = (
                    ("runs/claims/tune-n50-s10/base runs/claims/tune-n50-s10/destein "
                     "runs/claims/tune-n50-s10/self-induced-parallel runs/claims/tune-n50-s10/published-a0.3 "
                     "--threads 2",),
-                   "{runs}/claims/tune-n1-s1-t2/base {runs}/claims/tune-n1-s1-t2/destein "
+                   "{runs}/claims/tiny-llama/tune-n1-s1-t2/base {runs}/claims/tiny-llama/tune-n1-s1-t2/destein "
                    "--classifier {runs}/classifiers/tiny",
                    needs=("claims", "scorer_classifier")))),
     Section(
@@ -128,8 +131,8 @@ SECTIONS: tuple[Section, ...] = (
         "throughput, and the time of calibration and evaluation as they grow. The evaluation and "
         "calibration tables, and the memory table's wall times, ran on one thread while another one-thread "
         "benchmark used the second core; each ratio is measured within one run, its parts in turn.",
-        (Benchmark("load_speed", "load time of the embedded model (cold and cached), generation with and without "
-                   "steering", "load_speed",
+        (Benchmark("load_speed", "load time of a built-in model (cold and cached), generation with and without "
+                   "steering", "load_speed{model_tag}", ("", "--ckpt checkpoints/gemma3-270m-paradetox.ckpt"),
                    quick="--ckpt {tiny_ckpt} --tokens 2 --batch 1 --repeats 1"),
          Benchmark("fold_speed", "generation of the base, live-steered and folded models", "generation_speed",
                    ("--threads 2 --repeats 9",), "--ckpt {tiny_ckpt} --tokens 2 --repeats 1"),

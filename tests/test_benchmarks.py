@@ -151,7 +151,7 @@ def test_quick_options_come_first_and_fill_the_runs_folder(tmp_path):
     bench = BENCHMARKS["scorer_rescore"]
     argv = options.expanded(bench, ["--quick", "--batch-size", "3"], tmp_path)
     args = options.parser(bench).parse_args(argv)
-    assert args.runs[0] == tmp_path / "claims" / "tune-n1-s1-t2" / "base"
+    assert args.runs[0] == tmp_path / "claims" / "tiny-llama" / "tune-n1-s1-t2" / "base"
     assert args.batch_size == 3 and args.quick
     assert options.expanded(bench, ["--batch-size", "3"], tmp_path) == ["--batch-size", "3"]
 

@@ -26,6 +26,7 @@ from tests.conftest import RTP100, TINY_CONFIGS, VOCAB, evaluate_small
 
 EXPORTABLE = ["gpt2", "llama", "mistral", "qwen2", "opt", "gemma3"]
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-135m-paradetox.ckpt"
+GEMMA_SHIPPED = SHIPPED.with_name("gemma3-270m-paradetox.ckpt")
 NEW_TOKENS = 6
 
 RELOAD = """
@@ -392,6 +393,25 @@ def test_export_of_the_shipped_checkpoint_generates_in_stock_transformers(tmp_pa
     config = json.loads((out / "config.json").read_text())
     names = {config[key] for key in ("_name_or_path", "_model_name_or_path") if key in config}
     assert names == {"out"}  # the exported model, not the base model
+
+
+@pytest.mark.slow
+def test_the_shipped_gemma_checkpoint_exports_to_a_stock_gemma3_folder_and_refuses_gguf(tmp_path):
+    out = export(str(GEMMA_SHIPPED), str(tmp_path / "out"))
+    steered = SteeredCausalLM.from_checkpoint(GEMMA_SHIPPED)
+    batch = steered.tokenizer(["You are such a stupid", "I can't stand those people, they are all"],
+                              return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = steered.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                                    pad_token_id=steered.tokenizer.pad_token_id)
+    reloaded = reload_in_fresh_process({"gemma": out}, batch["input_ids"], batch["attention_mask"], tmp_path)
+    assert torch.equal(reloaded["gemma.tokens"], expected)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gemma3_text" and config["attention_bias"] is True
+    assert f"| alpha | {steered.alpha:g} |" in (out / "README.md").read_text()
+    with pytest.raises(ExportError, match=r"gemma3_text .*'gemma3'.*src/models/gemma3.cpp"):
+        export(str(GEMMA_SHIPPED), str(tmp_path / "gguf"), format="gguf")
+    assert not (tmp_path / "gguf").exists() or not any((tmp_path / "gguf").iterdir())
 
 
 @pytest.mark.slow
