@@ -93,7 +93,8 @@ SECTIONS: tuple[Section, ...] = (
                     "--model gemma3-270m --split report --samples 10 --only base shipped"),
                    "--samples 1 --tokens 2 --per-subset 1 --only base pairs-paradetox-40-a1.3"),
          Benchmark("gate_scores", "how well the gate's probe score separates toxic from non-toxic prompts (AUROC, "
-                   "threshold)", "gate_scores{model_tag}-{split}", ("", "--split report"),
+                   "threshold)", "gate_scores{model_tag}-{split}",
+                   ("", "--split report", "--model gemma3-270m --checkpoints paradetox-40"),
                    "--per-subset 2 --checkpoints paradetox-1000"))),
     Section(
         "Scorer fidelity",

@@ -244,3 +244,17 @@ def test_broken_generated_blocks_are_named_by_file_and_line(tmp_path, readme, er
     root = make_root(tmp_path, readme, {"memory.md": "## Memory\n"})
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(error)):
         results_page.stale_blocks(root)
+
+
+def test_claims_say_which_settings_a_model_refuses_and_why(tmp_path):
+    from benchmarks import claims
+    from tests.conftest import save_tiny_model_dir
+
+    model = str(save_tiny_model_dir("gemma3", tmp_path / "tiny-gemma"))  # heads of 16 x 4 against a hidden size of 32
+    out = tmp_path / "runs"
+    claims.evaluate_settings(model, 1.3, out, ["base", "published-a0.2"], per_subset=1, samples=1, tokens=2)
+    assert (out / "base" / "setting.json").is_file() and not (out / "published-a0.2" / "setting.json").exists()
+    claims.table(out, model, 1.3, 1, 1, 2, Results.at(tmp_path, "the command"), "the command")
+    text = (tmp_path / "claims-tiny-gemma-n1-s1.md").read_text()
+    assert re.search(r"Not measured: tiny-gemma refuses published-a0\.2: .*hidden_size", text)
+    assert "Not measured: no stored run for destein, uniform-weights." in text
