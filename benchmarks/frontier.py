@@ -81,13 +81,10 @@ GEMMA3 = Frontier(
     "gemma3-270m", "Gemma 3 270M",
     {"paradetox-40": ROOT / "checkpoints" / "gemma3-270m-paradetox.ckpt"},
     [*({"series": "paper", "alpha": a} for a in (0.3, 0.4, 0.5, 0.6, 0.75, 1.3)),
-     *({"series": "norm_preserving", "alpha": a, "fusion": "norm_preserving"} for a in (0.6,)),
-     *({"series": "smooth-paper", "alpha": a, "gate": {**GATE, "threshold": 0.257}} for a in (0.4, 0.6))],
+     *({"series": "norm_preserving", "alpha": a, "fusion": "norm_preserving"} for a in (0.6,))],
     "paradetox-40", {"series": "shipped", "checkpoint": "paradetox-40"})
 """Gemma's series on the 40-pair checkpoint of `destein fit --config configs/gemma3-270m.yaml`, at lower alphas than
-SmolLM2's (`paper-a1.3` is SmolLM2's alpha; docs/models.md says why the scale differs). Its smooth gate reads that
-checkpoint's gate probes, at the threshold that best separates the tune prompts (`python -m benchmarks gate_scores
---model gemma3-270m --checkpoints paradetox-40`)."""
+SmolLM2's (`paper-a1.3` is SmolLM2's alpha; docs/models.md says why the scale differs)."""
 
 FRONTIERS = {f.model: f for f in (SMOLLM2, GEMMA3)}
 
