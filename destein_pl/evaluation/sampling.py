@@ -291,14 +291,15 @@ def sample(
                         per_sample(torch.stack(step_log_probs, dim=1)) if log_probs else None)
 
 
-def prompt_limit(steered, settings: SamplingSettings) -> int:
+def prompt_limit(steered, settings: SamplingSettings, prefix_tokens: int = 0) -> int:
     """The most tokens of a prompt that are kept: `settings.max_prompt_tokens`, within the room the model's context
-    leaves beside `settings.max_new_tokens`."""
-    new_tokens = settings.max_new_tokens
-    room = steered.architecture.context_length(steered.config) - new_tokens
+    leaves beside `settings.max_new_tokens` (and a baseline's prompt prefix of `prefix_tokens`)."""
+    context = steered.architecture.context_length(steered.config)
+    room = context - settings.max_new_tokens - prefix_tokens
     if room < 1:
-        raise ValueError(f"max_new_tokens={new_tokens} leaves no room for a prompt in the model's context of "
-                         f"{room + new_tokens} tokens")
+        prefix = f" and a prompt prefix of {prefix_tokens} tokens" if prefix_tokens else ""
+        raise ValueError(f"max_new_tokens={settings.max_new_tokens}{prefix} leave no room for a prompt in the "
+                         f"model's context of {context} tokens")
     return room if settings.max_prompt_tokens is None else min(settings.max_prompt_tokens, room)
 
 
@@ -327,7 +328,13 @@ class PromptSampler:
         if steered.tokenizer is None:
             raise ValueError("the SteeredCausalLM was built without a tokenizer; pass one to continue text prompts")
         self.steered, self.settings = steered, settings or SamplingSettings()
-        self.max_prompt_tokens = prompt_limit(steered, self.settings)
+        method = getattr(steered, "method", None)
+        self.prefix = method.prompt_prefix(steered) if method is not None else []
+        """A baseline method's prompt prefix, put before each prompt while alpha is not 0."""
+        lead = steered.tokenizer("")["input_ids"] if self.prefix else []
+        self.lead = len(lead)
+        """The special tokens the tokenizer puts before any text (e.g. BOS): the prefix holds its own."""
+        self.max_prompt_tokens = prompt_limit(steered, self.settings, len(self.prefix) - self.lead)
         self.end_tokens = end_token_ids(steered.generation_config, steered.tokenizer)
         self.width: int | None = None
         self.cut_prompts: set[str] = set()
@@ -349,7 +356,8 @@ class PromptSampler:
     def fix_width(self, prompts) -> int:
         """Pad every later batch to the longest of `prompts` (the whole run's), so a prompt's samples do not
         depend on which prompts share its batch."""
-        self.width = max((len(self.prompt_ids(p, warn=False)) for p in prompts), default=None)
+        longest = max((len(self.prompt_ids(p, warn=False)) for p in prompts), default=None)
+        self.width = None if longest is None else longest + len(self.prefix) - self.lead
         return self.width
 
     def __call__(self, prompts, log_probs: bool = True) -> Continuations:
@@ -357,8 +365,14 @@ class PromptSampler:
         tokens' log-probabilities unless `log_probs` is false)."""
         steered, tokenizer = self.steered, self.steered.tokenizer
         prompt_ids = [self.prompt_ids(p) for p in prompts]
-        width = None if self.width is None else max(self.width, *(len(ids) for ids in prompt_ids))
-        result = sample(steered, steered.architecture, prompt_ids, [p.id for p in prompts], self.settings,
-                        tokenizer.pad_token_id, self.end_tokens, width, log_probs=log_probs)
+        method = getattr(steered, "method", None) if steered.alpha != 0 else None
+        inputs = prompt_ids
+        if method is not None and self.prefix:
+            inputs = [self.prefix + ids[self.lead :] for ids in prompt_ids]
+        width = None if self.width is None else max(self.width, *(len(ids) for ids in inputs))
+        model = steered if method is None else method.sampling_model(steered)
+        result = sample(model, steered.architecture, inputs, [p.id for p in prompts], self.settings,
+                        tokenizer.pad_token_id, self.end_tokens, width, log_probs=log_probs,
+                        bans=None if method is None else method.bans(steered))
         texts = [tokenizer.batch_decode(rows, skip_special_tokens=True) for rows in result.tokens]
         return Continuations(prompt_ids, result.tokens, result.log_probs, texts)

@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LightningCLI
 from destein_pl.evaluation.prompts import Prompt, PromptsConfig, load_prompts
 from destein_pl.evaluation.report import load_results, markdown_table
 from destein_pl.evaluation.sampling import PromptSampler, SamplingSettings
+from destein_pl.baselines import METHODS
 from destein_pl.evaluation.scorers import SCORERS, ScorerUnavailableError
 from destein_pl.induce import REWRITERS, induce
 from destein_pl.lightning.datamodule import DeSteinDataModule
@@ -217,7 +218,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter)
 def _epilog(verb: str) -> str | None:
     """The scorer and rewriter options a verb's `--help` ends with."""
     scorers = describe_plugins(SCORERS, "--model.evaluation.scorer" if verb == "test" else "--scorer")
-    return {"test": scorers, "induce": scorers + "\n\n" + describe_plugins(REWRITERS, "--rewriter")}.get(verb)
+    methods = describe_plugins(METHODS, "--model.method")
+    return {"test": scorers + "\n\n" + methods, "induce": scorers + "\n\n" + describe_plugins(REWRITERS, "--rewriter")}.get(verb)
 
 
 def list_parameters(function: Callable) -> dict[str, tuple[type, Any]]:

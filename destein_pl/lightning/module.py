@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
+from destein_pl.baselines import Method
 from destein_pl.calibration.calibrate import Calibration, CalibrationOptions, Calibrator
 from destein_pl.calibration.vectors import HeadWeights
 from destein_pl.evaluation.config import EvaluationConfig
@@ -60,6 +61,9 @@ class DeSteinModule(L.LightningModule):
             generated token). None: the checkpoint's gate when testing, `none` when calibrating; when given, the
             whole setting replaces the checkpoint's.
         evaluation: how `test` generates and scores (RealToxicityPrompts protocol; see `EvaluationConfig`).
+        method: `test` only: a baseline method evaluated in place of DeStein, at the evaluation's alphas (0 is the
+            base model): a short name (`prompting`, `word_filter`, `actadd`, `iti`) or `class_path`/`init_args`
+            (`destein_pl.baselines`; `--model.method.help NAME` lists its options). None: DeStein.
     """
 
     def __init__(
@@ -75,10 +79,11 @@ class DeSteinModule(L.LightningModule):
         fusion: str | None = None,
         gate: GateSettings | None = None,
         evaluation: EvaluationConfig = EvaluationConfig(),  # noqa: B008 (a dataclass, never mutated)
+        method: Method | str | None = None,
     ) -> None:
         super().__init__()
         # Evaluation settings do not belong in a checkpoint; the gate's are in its metadata (as plain values).
-        self.save_hyperparameters(ignore=["evaluation", "gate"])
+        self.save_hyperparameters(ignore=["evaluation", "gate", "method"])
         if gate is not None and not gate.enabled and gate != GateSettings():
             changed = {k: v for k, v in asdict(gate).items() if v != getattr(GateSettings(), k)}
             raise ValueError(f"model.gate: {changed} given with mode 'none' (no gate); set model.gate.mode to hard or "
@@ -88,6 +93,7 @@ class DeSteinModule(L.LightningModule):
         self.options = CalibrationOptions(alpha, head_weights, top_k_heads, last_k, val_fraction, probe_seed,
                                           fusion or "paper", gate or GateSettings())
         self.evaluation = evaluation
+        self.method = method
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the steering buffers, not the frozen base weights
         # DDP refuses to wrap a module without a trainable parameter; this one is never used and never saved.
@@ -136,6 +142,8 @@ class DeSteinModule(L.LightningModule):
 
     # ---- calibration -------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        if self.method is not None:
+            raise ValueError("model.method is a baseline evaluated by `destein test`; `fit` calibrates DeStein only")
         if self.trainer.max_epochs != 1:
             raise ValueError(f"calibration is one pass over the pairs: set trainer.max_epochs=1 "
                              f"(got {self.trainer.max_epochs})")
@@ -189,6 +197,8 @@ class DeSteinModule(L.LightningModule):
         strategy = self.trainer.strategy
         shard = self.evaluation.shard_perplexity_model and self.trainer.world_size > 1
         mesh = world_mesh(strategy.root_device) if shard else None
+        if self.method is not None:
+            self.steered.set_method(self.method)
         self.evaluator = Evaluator(self.steered, self.evaluation, rank=self.global_rank,
                                    world_size=self.trainer.world_size, barrier=strategy.barrier, mesh=mesh)
         loaders = self.trainer.test_dataloaders

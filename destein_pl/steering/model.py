@@ -92,6 +92,32 @@ class SteeredCausalLM(nn.Module):
         self._operator: SteeringOperator = blocks[0].steer_operator
         self._gate_settings = GateSettings()
         self._gate: ProbeGate | None = None
+        self.method = None
+        """A baseline method run in place of DeStein's calibrated steering (`destein_pl.baselines`), at this model's
+        alpha; None: DeStein."""
+
+    def set_method(self, method) -> None:
+        """Run a baseline method (`destein_pl.baselines.Method`, or its name) at this model's alpha in place of
+        DeStein's steering, which must be zero (a fresh model); None: back to DeStein alone. The method is attached
+        (calibrated, its hooks installed) here, at alpha 0."""
+        from destein_pl.baselines import build_method
+
+        if self.method is not None:
+            self.method.detach(self)
+            self.method = None
+        if method is None:
+            return
+        if self.vectors.any() or self.gate.enabled:
+            raise ValueError("a baseline method runs on the base model; this model holds calibrated steering (or a "
+                             "gate): use a fresh SteeredCausalLM, or give no steering checkpoint")
+        method = build_method(method)
+        alpha = self.alpha
+        self.alpha = 0.0
+        try:
+            method.attach(self)
+        finally:
+            self.alpha = alpha
+        self.method = method
 
     @property
     def blocks(self) -> list[SteeredAttention]:
@@ -250,8 +276,8 @@ class SteeredCausalLM(nn.Module):
         }
 
     def steering_digest(self) -> str:
-        """sha256 of what the steered generations depend on beyond alpha: the vectors, the head weights, and a
-        fusion or gate other than the default with the gate's probes. Evaluation reuses stored generations only
+        """sha256 of what the steered generations depend on beyond alpha: the vectors, the head weights, a
+        fusion or gate other than the default with the gate's probes, and a baseline method's settings. Evaluation reuses stored generations only
         for the same digest, `results.json` records it, and export checks a results file against it. The default
         options add nothing, so evaluation folders made before they existed still resume."""
         digest = hashlib.sha256()
@@ -262,12 +288,15 @@ class SteeredCausalLM(nn.Module):
         if self.gate.enabled:
             for tensor in self.gate_probes.arrays("").values():
                 digest.update(tensor.contiguous().numpy().tobytes())
+        if self.method is not None:
+            digest.update(json.dumps(self.method.settings(), sort_keys=True).encode())
         return digest.hexdigest()
 
     def steering_settings(self) -> dict[str, Any]:
         """The steering this model runs with, as `results.json` records it: fusion, gate, alpha and digest."""
-        return {"fusion": self.fusion, "gate": self.gate.metadata(), "alpha": self.alpha,
-                "digest": self.steering_digest()}
+        settings = {"fusion": self.fusion, "gate": self.gate.metadata(), "alpha": self.alpha,
+                    "digest": self.steering_digest()}
+        return settings if self.method is None else {**settings, "method": self.method.settings()}
 
     def steering_tensors(self) -> dict[str, Tensor]:
         """The steering as a checkpoint stacks it: `vectors`, `head_weights`, `alpha`."""
