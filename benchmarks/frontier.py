@@ -42,6 +42,9 @@ SPLIT_SEED = 2024
 GATE = {"mode": "smooth", "threshold": 0.28, "temperature": 0.05, "heads": 16, "window": 8}
 """Smooth gate: threshold and temperature from `gate_scores` on the tune prompts."""
 
+GEMMA3_GATE = {**GATE, "threshold": 0.257}
+"""Gemma's smooth gate: the threshold of its 40-pair gate probes (`gate_scores --model gemma3-270m`)."""
+
 
 @dataclass(frozen=True)
 class Frontier:
@@ -81,10 +84,12 @@ GEMMA3 = Frontier(
     "gemma3-270m", "Gemma 3 270M",
     {"paradetox-40": ROOT / "checkpoints" / "gemma3-270m-paradetox.ckpt"},
     [*({"series": "paper", "alpha": a} for a in (0.3, 0.4, 0.5, 0.6, 0.75, 1.3)),
-     *({"series": "norm_preserving", "alpha": a, "fusion": "norm_preserving"} for a in (0.6,))],
+     *({"series": "norm_preserving", "alpha": a, "fusion": "norm_preserving"} for a in (0.6,)),
+     *({"series": "smooth-paper", "alpha": a, "gate": GEMMA3_GATE} for a in (0.6, 0.8, 1.0))],
     "paradetox-40", {"series": "shipped", "checkpoint": "paradetox-40"})
 """Gemma's series on the 40-pair checkpoint of `destein fit --config configs/gemma3-270m.yaml`, at lower alphas than
-SmolLM2's (`paper-a1.3` is SmolLM2's alpha; docs/models.md says why the scale differs)."""
+SmolLM2's (`paper-a1.3` is SmolLM2's alpha; docs/models.md says why the scale differs), and the smooth gate with that
+checkpoint's gate probes (which does not help there: docs/models.md)."""
 
 FRONTIERS = {f.model: f for f in (SMOLLM2, GEMMA3)}
 

@@ -104,6 +104,18 @@ SECTIONS: tuple[Section, ...] = (
                    ("", "--split report", "--model gemma3-270m --checkpoints paradetox-40"),
                    "--per-subset 2 --checkpoints paradetox-1000"))),
     Section(
+        "DeStein against other methods",
+        "The methods a user would pick instead (prompting, word filtering, ActAdd, ITI, Self-Detoxify, DExperts; "
+        "`destein_pl/baselines/`), each swept on the tune sample of the development protocol, then compared with "
+        "DeStein at matched toxic-prompt perplexity (+10% and +20% over base) on the report sample.",
+        (Benchmark("dexperts_train", "DExperts' expert and anti-expert: LoRA fine-tunes on ParaDetox's two sides",
+                   "dexperts_train-{model_name}", ("",), "--model {tiny} --sentences 8 --batch-size 4",
+                   requires=("peft",)),
+         Benchmark("comparison", "every method's sweep on tune, then the matched points against DeStein on report",
+                   "comparison-{model}-{split}-n{per_subset}-s{samples}",
+                   ("--samples 10 --per-subset 50", "--split report --samples 10"),
+                   "--samples 1 --tokens 2 --per-subset 1 --only prompting iti-k16"))),
+    Section(
         "Scorer fidelity",
         "How well each offline scorer agrees with Perspective on the 2,000 RealToxicityPrompts prompts, and whether "
         "the EMT drop survives rescoring by a second scorer (a classifier built here from the embedded model, since "

@@ -66,6 +66,30 @@ def frontier_plot(rows: list[dict], path: str | Path, title: str = "Quality fron
     _save(fig, path)
 
 
+def comparison_plot(points: list[dict], path: str | Path, base: tuple[float, float],
+                    title: str = "Methods compared") -> None:
+    """Toxic-prompt EMT against toxic-prompt perplexity, one line per method through its sweep (points:
+    `{"series", "ppl", "emt", "low", "high", "order"}`, joined in `order`), each point with its EMT interval as an
+    error bar; the base model (`(ppl, emt)`) is a star."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for series in dict.fromkeys(p["series"] for p in points if p["series"] != "base"):
+        line = sorted((p for p in points if p["series"] == series), key=lambda p: p["order"])
+        x, y = [p["ppl"] for p in line], [p["emt"] for p in line]
+        # the interval is of the per-prompt mean, the point the metric's float32 value: clamp rounding below 0
+        errors = [[max(0.0, p["emt"] - p["low"]) for p in line], [max(0.0, p["high"] - p["emt"]) for p in line]]
+        ax.errorbar(x, y, yerr=errors, marker="o", capsize=3, label=series)
+    ax.scatter([base[0]], [base[1]], marker="*", s=180, color="black", zorder=3, label="base")
+    for budget in (1.1, 1.2):
+        ax.axvline(base[0] * budget, color="grey", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("mean perplexity of continuations, toxic prompts, log scale (dotted: +10% and +20% over base)")
+    ax.set_ylabel("expected maximum toxicity, toxic prompts")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    _save(fig, path)
+
+
 def _save(fig, path: str | Path) -> None:
     """Write the figure as PNG atomically (a failed write leaves neither a half file nor a temporary one), and
     free it either way."""

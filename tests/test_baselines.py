@@ -363,9 +363,10 @@ CLI = [sys.executable, "-m", "destein_pl.lightning.cli"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["word_filter", "actadd"])
+@pytest.mark.parametrize("name", ["word_filter", "actadd", "self_detoxify"])
 def test_destein_test_runs_a_method_in_two_processes_as_in_one(tiny_llama_dir, tmp_path, name):
     method = {"word_filter": ["--model.method", "WordFilter", "--model.method.pairs", PAIRS],
+              "self_detoxify": ["--model.method", "self_detoxify"],
               "actadd": ["--model.method", "ActAdd", "--model.method.pairs", PAIRS, "--model.method.m", "6",
                          "--model.method.layer", "1"]}[name]
     runs = {}

@@ -19,7 +19,7 @@ from benchmarks.results import RESULTS, Results
 from benchmarks.runner import listing, main, run
 from benchmarks.timing import in_turn, rotated, spread
 
-EMBEDDED = {"frontier", "gate_scores", "llama_cpp", "memory", "throughput"}
+EMBEDDED = {"comparison", "frontier", "gate_scores", "llama_cpp", "memory", "throughput"}
 """The benchmarks whose quick run loads the real embedded model (the others use a tiny one, or none)."""
 HEADER = re.compile(r"## .+\n\n`(?P<command>[^`]+)` on (?P<machine>.+)\.\n\n")
 
@@ -258,3 +258,15 @@ def test_claims_say_which_settings_a_model_refuses_and_why(tmp_path):
     text = (tmp_path / "claims-tiny-gemma-n1-s1.md").read_text()
     assert re.search(r"Not measured: tiny-gemma refuses published-a0\.2: .*hidden_size", text)
     assert "Not measured: no stored run for destein, uniform-weights." in text
+
+
+def test_the_comparison_matches_each_method_at_the_costliest_point_within_each_budget():
+    from benchmarks.comparison import matched
+
+    def row(series, ppl):
+        return {"series": series, "toxic": {"ppl": ppl}}
+
+    rows = {"base": row("base", 10.0), "x-a1": row("x", 10.5), "x-a2": row("x", 11.5), "x-a3": row("x", 13.0),
+            "y-a1": row("y", 12.5), "actadd-l6-a1.5": row("actadd-layer", 10.9), "actadd-l6-a1": row("actadd", 10.2)}
+    assert matched(rows) == {("x", 0.1): "x-a1", ("x", 0.2): "x-a2", ("actadd", 0.1): "actadd-l6-a1.5",
+                             ("actadd", 0.2): "actadd-l6-a1.5"}
