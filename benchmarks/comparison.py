@@ -1,8 +1,8 @@
 """DeStein against the methods a user would pick instead, on the development protocol of `benchmarks/frontier.py`,
 at equal fluency cost.
 
-    python -m benchmarks comparison [--samples 10 --per-subset 50]       # every sweep on the tune sample: table, plot
-    python -m benchmarks comparison --split report [--samples 10]        # the matched points, on the report sample
+    python -m benchmarks comparison --samples 5 --per-subset 25        # every sweep on the tune sample: table, plot
+    python -m benchmarks comparison --split report --samples 10        # the matched points, on the report sample
     python -m benchmarks comparison --table-only [--split ...]           # tables and plot from what is stored
 
 Every method runs through `destein_pl.baselines` (`SteeredCausalLM.set_method`) and the same `Evaluator` as DeStein:
@@ -349,8 +349,11 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=["tune", "report"], default="tune",
                         help="tune: every sweep; report: the points matched on tune (read from its stored runs)")
     add_protocol_options(parser)
-    parser.add_argument("--tune-per-subset", type=int, default=50,
-                        help="with --split report: the tune runs the points are read from (default 50 per subset)")
+    parser.add_argument("--tune-per-subset", type=int, default=25,
+                        help="with --split report: the prompts per subset of the tune runs the points are read from "
+                             "(default 25)")
+    parser.add_argument("--tune-samples", type=int, default=5,
+                        help="with --split report: the continuations per prompt of those tune runs (default 5)")
     parser.add_argument("--only", nargs="*", default=None, help="evaluate only these series (e.g. iti-k16 dexperts), and the base model")
     parser.add_argument("--table-only", action="store_true", help="evaluate nothing: the tables from stored runs")
     parser.add_argument("--model", choices=list(COMPARISONS), default=SMOLLM2.model, help="whose comparison")
@@ -359,8 +362,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, results: Results) -> None:
     comparison = COMPARISONS[args.model]
     kind = f"comparison/{comparison.model}"
-    tune_n = args.per_subset if args.split == "tune" else args.tune_per_subset
-    tune_out = stored_runs(kind, results.runs, "tune", tune_n, args.samples, args.tokens)
+    tune_n, tune_samples = ((args.per_subset, args.samples) if args.split == "tune" else
+                            (args.tune_per_subset, args.tune_samples))
+    tune_out = stored_runs(kind, results.runs, "tune", tune_n, tune_samples, args.tokens)
     if args.split == "tune":
         if not args.table_only:
             prompts = split_prompts("tune", args.per_subset)

@@ -113,7 +113,7 @@ SECTIONS: tuple[Section, ...] = (
                    requires=("peft",)),
          Benchmark("comparison", "every method's sweep on tune, then the matched points against DeStein on report",
                    "comparison-{model}-{split}-n{per_subset}-s{samples}",
-                   ("--samples 10 --per-subset 50", "--split report --samples 10"),
+                   ("--samples 5 --per-subset 25", "--split report --samples 10"),
                    "--samples 1 --tokens 2 --per-subset 1 --only prompting iti-k16"))),
     Section(
         "Scorer fidelity",
