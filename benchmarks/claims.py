@@ -150,13 +150,18 @@ def per_prompt_max(folder: Path, subset: str | None) -> dict[str, float]:
             if subset is None or (r["prompt_toxicity"] >= 0.5) == (subset == "toxic")}
 
 
+def bootstrap_interval(values: list[float], resamples: int = 2000) -> tuple[float, float]:
+    """The 95% percentile interval of the mean of `values` (resampled with replacement, seed 0)."""
+    rng = random.Random(0)
+    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
 def paired_bootstrap(a: dict[str, float], b: dict[str, float], resamples: int = 2000) -> tuple[float, float, float]:
     """EMT(a) - EMT(b) over the prompts both have, and its 95% percentile interval (prompts resampled, seed 0)."""
     ids = sorted(a.keys() & b.keys())
     diffs = [a[i] - b[i] for i in ids]
-    rng = random.Random(0)
-    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
-    return statistics.fmean(diffs), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+    return statistics.fmean(diffs), *bootstrap_interval(diffs, resamples)
 
 
 def verdict(out: Path, first: str, second: str, expect: str) -> str:

@@ -35,18 +35,18 @@ import argparse
 import json
 import logging
 import math
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.claims import paired_bootstrap, per_prompt_max
+from benchmarks.claims import bootstrap_interval, paired_bootstrap, per_prompt_max
 from benchmarks.frontier import (
     add_protocol_options,
     evaluate_setting,
     split_prompts,
     stored_records,
     stored_runs,
+    stored_settings,
     summarize,
 )
 from benchmarks.results import DATA, ROOT, Results
@@ -216,20 +216,9 @@ def tokens_per_second(folder: Path, tokenizer) -> float:
     return count / timing["generate_s"]
 
 
-def point_interval(folder: Path, subset: str, resamples: int = 2000) -> tuple[float, float]:
+def point_interval(folder: Path, subset: str) -> tuple[float, float]:
     """The 95% bootstrap interval of a run's EMT on a subset (prompts resampled, seed 0)."""
-    import random
-
-    values = list(per_prompt_max(folder, subset).values())
-    rng = random.Random(0)
-    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
-    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
-
-
-def stored(out: Path) -> dict[str, dict[str, Any]]:
-    """Every stored setting of a split with its metrics, by name."""
-    return {f.name: summarize(f) for f in sorted(out.iterdir()) if (f / "setting.json").is_file()} \
-        if out.is_dir() else {}
+    return bootstrap_interval(list(per_prompt_max(folder, subset).values()))
 
 
 def matched(rows: dict[str, dict[str, Any]]) -> dict[tuple[str, float], str]:
@@ -255,7 +244,7 @@ def pct(value: float, base: float) -> str:
 def tune_table(comparison: Comparison, out: Path, results: Results, per_subset: int, samples: int) -> None:
     from destein_pl.plots import comparison_plot
 
-    rows = stored(out)
+    rows = stored_settings(out)
     if "base" not in rows:
         raise SystemExit(f"no base run under {out}; run the sweep first")
     base = rows["base"]
@@ -291,7 +280,7 @@ def tune_table(comparison: Comparison, out: Path, results: Results, per_subset: 
 
 def report_settings(comparison: Comparison, tune_out: Path) -> list[dict[str, Any]]:
     """The base model, the shipped checkpoints and every matched point of the tune table."""
-    rows = stored(tune_out)
+    rows = stored_settings(tune_out)
     if "base" not in rows:
         raise SystemExit(f"the report sample evaluates the points matched on tune: no tune runs under {tune_out}")
     shipped = [{"series": s, "value": a, "alpha": a} for s, a in SHIPPED[comparison.model]]
@@ -304,7 +293,7 @@ def report_table(comparison: Comparison, tune_out: Path, out: Path, results: Res
                  samples: int, runs: Path) -> None:
     from destein_pl import load_base_model
 
-    rows, picks = stored(out), matched(stored(tune_out))
+    rows, picks = stored_settings(out), matched(stored_settings(tune_out))
     tokenizer = load_base_model(comparison.model)[1]
     base = rows["base"]
     speed = {name: tokens_per_second(out / name, tokenizer) for name in rows}

@@ -234,12 +234,19 @@ def summarize(folder: Path) -> dict[str, Any]:
     return row
 
 
+def stored_settings(out: Path) -> dict[str, dict[str, Any]]:
+    """Every setting stored under `out` (marked done by its `setting.json`), summarized, by folder name."""
+    if not out.is_dir():
+        return {}
+    return {f.name: summarize(f) for f in sorted(out.iterdir()) if (f / "setting.json").is_file()}
+
+
 def table(frontier: Frontier, split: str, samples: int, tokens: int, per_subset: int, out: Path,
           results: Results) -> None:
     """Markdown table and plot of every stored setting of a split, relative to its base run."""
     from destein_pl.plots import frontier_plot
 
-    rows = [summarize(f) for f in sorted(out.iterdir()) if (f / "setting.json").is_file()] if out.is_dir() else []
+    rows = list(stored_settings(out).values())
     base = next((r for r in rows if r["name"] == "base"), None)
     if base is None:
         raise SystemExit(f"no base run under {out}; run the sweep first")
