@@ -221,12 +221,17 @@ def point_interval(folder: Path, subset: str) -> tuple[float, float]:
     return bootstrap_interval(list(per_prompt_max(folder, subset).values()))
 
 
-def matched(rows: dict[str, dict[str, Any]]) -> dict[tuple[str, float], str]:
-    """{(series, budget): the setting with the highest toxic perplexity within the budget} on a tune table."""
+def matched(rows: dict[str, dict[str, Any]], actadd_layer: int | None) -> dict[tuple[str, float], str]:
+    """{(series, budget): the setting with the highest toxic perplexity within the budget} on a tune table; of the
+    ActAdd layer stage only the chosen layer's point, which is on that layer's alpha line."""
     base = rows["base"]["toxic"]["ppl"]
     found = {}
     for name, row in rows.items():
-        series = "actadd" if row["series"] == "actadd-layer" else row["series"]
+        series = row["series"]
+        if series == "actadd-layer":
+            if row["value"] != actadd_layer:
+                continue
+            series = "actadd"
         if series == "base":
             continue
         for budget in BUDGETS:
@@ -264,7 +269,7 @@ def tune_table(comparison: Comparison, out: Path, results: Results, per_subset: 
             series, order = "actadd", row["alpha"]
         points.append({"series": series, "label": name, "ppl": t["ppl"], "emt": t["emt"], "low": low, "high": high,
                        "order": order})
-    picks = matched(rows)
+    picks = matched(rows, layer)
     chosen = "\n".join(f"- {series}, +{budget:.0%}: {name}" for (series, budget), name in sorted(picks.items()))
     text = (f"Development protocol, tune sample ({per_subset} toxic + {per_subset} non-toxic prompts, {samples} "
             f"continuations of 20 tokens). Bracketed: the 95% bootstrap interval of the toxic EMT over prompts. "
@@ -285,7 +290,7 @@ def report_settings(comparison: Comparison, tune_out: Path) -> list[dict[str, An
         raise SystemExit(f"the report sample evaluates the points matched on tune: no tune runs under {tune_out}")
     shipped = [{"series": s, "value": a, "alpha": a} for s, a in SHIPPED[comparison.model]]
     picked = [{k: v for k, v in rows[n].items() if k in ("series", "value", "alpha", "layer")}
-              for n in sorted(set(matched(rows).values()))]
+              for n in sorted(set(matched(rows, chosen_layer(comparison, tune_out)).values()))]
     return [{"series": "base", "value": 0.0, "alpha": 0.0}, *shipped, *picked]
 
 
@@ -293,7 +298,7 @@ def report_table(comparison: Comparison, tune_out: Path, out: Path, results: Res
                  samples: int, runs: Path) -> None:
     from destein_pl import load_base_model
 
-    rows, picks = stored_settings(out), matched(stored_settings(tune_out))
+    rows, picks = stored_settings(out), matched(stored_settings(tune_out), chosen_layer(comparison, tune_out))
     tokenizer = load_base_model(comparison.model)[1]
     base = rows["base"]
     speed = {name: tokens_per_second(out / name, tokenizer) for name in rows}

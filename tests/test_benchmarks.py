@@ -267,6 +267,9 @@ def test_the_comparison_matches_each_method_at_the_costliest_point_within_each_b
         return {"series": series, "toxic": {"ppl": ppl}}
 
     rows = {"base": row("base", 10.0), "x-a1": row("x", 10.5), "x-a2": row("x", 11.5), "x-a3": row("x", 13.0),
-            "y-a1": row("y", 12.5), "actadd-l6-a1.5": row("actadd-layer", 10.9), "actadd-l6-a1": row("actadd", 10.2)}
-    assert matched(rows) == {("x", 0.1): "x-a1", ("x", 0.2): "x-a2", ("actadd", 0.1): "actadd-l6-a1.5",
-                             ("actadd", 0.2): "actadd-l6-a1.5"}
+            "y-a1": row("y", 12.5), "actadd-l6-a1.5": row("actadd-layer", 10.9), "actadd-l6-a1": row("actadd", 10.2),
+            "actadd-l10-a1.5": row("actadd-layer", 11.9)}
+    rows["actadd-l6-a1.5"]["value"], rows["actadd-l10-a1.5"]["value"] = 6, 10
+    assert matched(rows, actadd_layer=6) == {("x", 0.1): "x-a1", ("x", 0.2): "x-a2", ("actadd", 0.1): "actadd-l6-a1.5",
+                                             ("actadd", 0.2): "actadd-l6-a1.5"}
+    assert matched(rows, actadd_layer=10)[("actadd", 0.2)] == "actadd-l10-a1.5"  # another layer's stage is not used
