@@ -13,6 +13,7 @@ from types import ModuleType
 from benchmarks.registry import Benchmark
 
 OUTPUT_DIR = "--output-dir"
+TABLE_ONLY = "--table-only"
 
 
 def module(benchmark: Benchmark) -> ModuleType:
@@ -76,13 +77,14 @@ def standard_runs(benchmark: Benchmark) -> list[tuple[list[str], str]]:
 
 
 def command(benchmark: Benchmark, argv: list[str]) -> str:
-    """The command line as the results show it: `--output-dir` left out (it says where, not what)."""
+    """The command line as the results show it: `--output-dir` left out (it says where, not what), and
+    `--table-only` (a table rebuilt from stored runs is the one the command without it writes)."""
     shown, skip = [], False
     for token in argv:
         if skip:
             skip = False
         elif token == OUTPUT_DIR:
             skip = True
-        elif not token.startswith(f"{OUTPUT_DIR}="):
+        elif not token.startswith(f"{OUTPUT_DIR}=") and token != TABLE_ONLY:
             shown.append(token)
     return shlex.join(["python", "-m", "benchmarks", benchmark.name, *shown])

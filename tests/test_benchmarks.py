@@ -141,10 +141,12 @@ def test_an_unknown_benchmark_is_refused_with_the_known_ones():
         main(["nope"])
 
 
-def test_the_shown_command_leaves_the_output_folder_out():
+def test_the_shown_command_leaves_the_output_folder_and_table_only_out():
     bench = BENCHMARKS["fold_speed"]
     assert options.command(bench, ["--quick", "--output-dir", "/x", "--repeats", "2", "--output-dir=/y"]) == \
         "python -m benchmarks fold_speed --quick --repeats 2"
+    assert options.command(BENCHMARKS["comparison"], ["--table-only", "--samples", "5"]) == \
+        "python -m benchmarks comparison --samples 5"
 
 
 def test_quick_options_come_first_and_fill_the_runs_folder(tmp_path):
