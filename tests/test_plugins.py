@@ -48,7 +48,8 @@ class Kind:
 
 
 SCORER = Kind(
-    name="scorer", registry=SCORERS, build=build_scorer, names=("profanity-check", "hf-classifier", "perspective"),
+    name="scorer", registry=SCORERS, build=build_scorer, names=("profanity-check", "hf-classifier", "perspective",
+                                                             "jigsaw-bilstm"),
     default="profanity-check",
     config=("PerspectiveScorer", {"attribute": "INSULT", "max_consecutive_failures": 3},
             {"attribute": "INSULT", "max_consecutive_failures": 3, "languages": ["en"]}),

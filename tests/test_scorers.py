@@ -1,21 +1,36 @@
+import importlib.util
+import io
 import json
 import logging
+import pickle
 import threading
 import time
 import urllib.parse
 from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import h5py
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
+from destein_pl.evaluation.jigsaw_bilstm import (
+    LABELS,
+    JigsawBiLSTMScorer,
+    RestrictedUnpickler,
+    package_files,
+    pad_pre,
+    read_keras_tokenizer,
+)
 from destein_pl.evaluation.scorers import (
+    SCORERS,
     HFClassifierScorer,
     PerspectiveScorer,
     ProfanityCheckScorer,
     ScorerUnavailableError,
+    build_scorer,
 )
 from destein_pl.http_client import RetryPolicy
 
@@ -359,3 +374,174 @@ def test_fingerprints_name_what_scores_depend_on_and_no_key(api_key, tmp_path):
     scorer.setup()
     assert scorer.fingerprint() == fingerprint and KEY not in json.dumps(fingerprint)
     assert PerspectiveScorer().fingerprint()["attribute"] == "TOXICITY"
+
+
+# ---------------------------------------------------------------- jigsaw-bilstm
+# The real package's weights and tokenizer (`pip install --no-deps toxic-comment-classifier`, as `make install` does).
+
+
+@pytest.fixture(scope="module")
+def jigsaw():
+    scorer = JigsawBiLSTMScorer()
+    scorer.setup()
+    return scorer
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _keras_weights() -> dict[str, np.ndarray]:
+    """The h5 file's arrays, read here with h5py on their own (float64), in Keras' layout."""
+    weights, _ = package_files()
+    with h5py.File(weights, "r") as file:
+        return {name: np.asarray(obj[()], dtype=np.float64)
+                for name, obj in _datasets(file["layers"]).items()}
+
+
+def _datasets(group, prefix=""):
+    found = {}
+    for key, obj in group.items():
+        if isinstance(obj, h5py.Dataset):
+            found[prefix + key] = obj
+        else:
+            found.update(_datasets(obj, f"{prefix}{key}/"))
+    return found
+
+
+def _keras_lstm(xs, kernel, recurrent, bias):
+    """Keras' LSTM cell, one step at a time: z = x K + h R + b, gates i, f, c, o in that order."""
+    units = recurrent.shape[0]
+    h, c, out = np.zeros(units), np.zeros(units), []
+    for x in xs:
+        z = x @ kernel + h @ recurrent + bias
+        i, f, g, o = (z[k * units : (k + 1) * units] for k in range(4))
+        c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
+        h = _sigmoid(o) * np.tanh(c)
+        out.append(h)
+    return np.stack(out)
+
+
+def test_jigsaw_bilstm_scores_insults_high_and_polite_text_low(jigsaw):
+    insults = ["you are a stupid idiot", "Shut up, you worthless piece of shit.", "fuck you, moron"]
+    polite = ["Thank you very much for your help, I really appreciate it.", "The meeting is moved to Tuesday.",
+              "What a lovely day it is, let us go for a walk in the park."]
+    scores = jigsaw.score(insults + polite)
+    assert all(isinstance(s, float) and 0.0 <= s <= 1.0 for s in scores)
+    assert min(scores[:3]) > 0.5 and max(scores[3:]) < 0.1, scores
+    assert jigsaw.score([]) == []
+
+
+def test_jigsaw_bilstm_scores_do_not_depend_on_the_batch_size(jigsaw):
+    texts = [f"text {i}: you are an idiot" if i % 3 == 0 else f"a calm sentence number {i}" for i in range(17)]
+    texts += ["", "word " * 150 + "idiot"]  # empty (all padding), and longer than the 100 words kept
+    one = JigsawBiLSTMScorer(label="insult", batch_size=1)
+    seven = JigsawBiLSTMScorer(label="insult", batch_size=7)
+    np.testing.assert_allclose(one.score(texts), seven.score(texts), rtol=0, atol=1e-6)
+    assert len(one.score(texts)) == len(texts)
+
+
+def test_jigsaw_bilstm_tokenizer_matches_a_hand_computation(jigsaw):
+    # Lower-cased, every Keras filter character (punctuation, tab, newline) a separator, the apostrophe kept;
+    # `zebra` (index 28128, beyond the 20,000 kept) and the unknown `defenestrated` are dropped.
+    sentence = "Hello, World!\tYou're NOT (really) a zebra... fool;\ndefenestrated?"
+    index = jigsaw.tokenizer.word_index
+    assert [index[w] for w in ("hello", "world", "you're", "not", "really", "a", "fool")] == [
+        302, 257, 173, 14, 134, 5, 1819]
+    assert index["zebra"] == 28128 and "defenestrated" not in index
+    assert jigsaw.tokenizer.texts_to_sequences([sentence, ""]) == [[302, 257, 173, 14, 134, 5, 1819], []]
+    settings = jigsaw.tokenizer
+    assert (settings.lower, settings.split, settings.char_level, settings.num_words, settings.oov_token) == (
+        True, " ", False, 20000, None)
+    assert settings.filters == '!"#$%&()*+,-./:;<=>?@[\\]^_`{|}~\t\n'
+    # Keras' pad_sequences defaults: zeros in front, and the last 100 indexes of a longer text.
+    padded = pad_pre([[1, 2, 3], list(range(1, 151)), []])
+    assert padded.shape == (3, 100) and padded.dtype == torch.int64
+    assert padded[0, :97].eq(0).all() and padded[0, 97:].tolist() == [1, 2, 3]
+    assert padded[1].tolist() == list(range(51, 151)) and padded[2].eq(0).all()
+
+
+def test_jigsaw_bilstm_lstm_is_the_keras_cell_recurrence(jigsaw):
+    w = _keras_weights()
+    ids = [0, 0, 302, 257, 6]  # leading padding, then "hello world you"
+    x = w["embedding/vars/0"][ids]
+    cell = "bidirectional/{}_layer/cell/vars/{}"
+    forward = _keras_lstm(x, *(w[cell.format("forward", i)] for i in range(3)))
+    backward = _keras_lstm(x[::-1], *(w[cell.format("backward", i)] for i in range(3)))[::-1]
+    with torch.inference_mode():
+        states, _ = jigsaw.model.lstm(jigsaw.model.embedding(torch.tensor([ids])))
+    np.testing.assert_allclose(states[0].double().numpy(), np.concatenate([forward, backward], axis=1),
+                               rtol=0, atol=1e-5)
+
+
+def test_jigsaw_bilstm_network_matches_keras_over_the_padding(jigsaw):
+    """The whole network, in numpy from the h5 arrays, on a text padded to 100 steps: Keras' model has no mask,
+    so the LSTM runs over the 95 leading zeros too, and that changes the output."""
+    w = _keras_weights()
+    text = "you are a stupid idiot"
+    ids = [0] * 95 + [6, 19, 5, 604, 1005]
+    assert pad_pre(jigsaw.tokenizer.texts_to_sequences([text]))[0].tolist() == ids
+
+    def keras_model(ids):
+        x = w["embedding/vars/0"][ids]
+        cell = "bidirectional/{}_layer/cell/vars/{}"
+        forward = _keras_lstm(x, *(w[cell.format("forward", i)] for i in range(3)))
+        backward = _keras_lstm(x[::-1], *(w[cell.format("backward", i)] for i in range(3)))[::-1]
+        pooled = np.concatenate([forward, backward], axis=1).max(axis=0)
+        hidden = np.maximum(pooled @ w["dense/vars/0"] + w["dense/vars/1"], 0.0)
+        return _sigmoid(hidden @ w["dense_1/vars/0"] + w["dense_1/vars/1"])
+
+    expected = keras_model(ids)
+    probs = jigsaw.probabilities([text])[0].double().numpy()
+    np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-5)
+    assert jigsaw.score([text]) == pytest.approx([expected[LABELS.index("toxic")]], abs=1e-5)
+    assert np.abs(keras_model(ids[95:]) - expected).max() > 1e-3  # without the padding, other scores
+    mean = JigsawBiLSTMScorer(label="mean").score([text])[0]
+    assert mean == pytest.approx(float(expected.mean()), abs=1e-5)
+
+
+class _Runs:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+@pytest.mark.parametrize("data, refused", [
+    (b"cos\nsystem\n(S'echo pwned'\ntR.", "os.system"),  # protocol 0, by hand
+    (pickle.dumps(_Runs()), "builtins.print"),
+    (pickle.dumps(torch.nn.Linear), "torch.nn.modules.linear.Linear"),
+])
+def test_jigsaw_bilstm_unpickler_refuses_other_classes(data, refused, capsys):
+    with pytest.raises(pickle.UnpicklingError, match=f"refusing to unpickle {refused}: .*Tokenizer"):
+        RestrictedUnpickler(io.BytesIO(data)).load()
+    assert "this ran" not in capsys.readouterr().out
+
+
+def test_jigsaw_bilstm_tokenizer_file_must_be_a_keras_tokenizer(tmp_path):
+    path = tmp_path / "tokenizer.pickle"
+    path.write_bytes(pickle.dumps({"word_index": {"a": 1}}))  # allowed types, but no Tokenizer
+    with pytest.raises(TypeError, match="expected a pickled keras.src.legacy.preprocessing.text.Tokenizer"):
+        read_keras_tokenizer(path)
+    _, real = package_files()
+    assert read_keras_tokenizer(real).num_words == 20000
+
+
+def test_jigsaw_bilstm_options_registry_and_fingerprint(monkeypatch):
+    with pytest.raises(ValueError, match="unknown `label` 'toxicity'; accepted: toxic, severe_toxic, obscene, "
+                                         "threat, insult, identity_hate, mean"):
+        JigsawBiLSTMScorer(label="toxicity")
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="`batch_size` must be an integer of at least 1"):
+            JigsawBiLSTMScorer(batch_size=bad)
+    assert SCORERS["jigsaw-bilstm"] is JigsawBiLSTMScorer
+    scorer = build_scorer("{class_path: JigsawBiLSTMScorer, init_args: {label: insult, batch_size: 3}}")
+    assert (type(scorer), scorer.label, scorer.batch_size, scorer.model) == (JigsawBiLSTMScorer, "insult", 3, None)
+    assert build_scorer("jigsaw-bilstm").label == "toxic"
+    fingerprint = scorer.fingerprint()  # before setup: nothing loaded
+    assert fingerprint == {"name": "jigsaw-bilstm", "label": "insult", "package": "toxic-comment-classifier 0.3.0"}
+    assert scorer.model is None
+    # Without the package (or h5py), setup says how to install it: without its TensorFlow requirements.
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "toxic_classifier" else real_find_spec(name, *a))
+    with pytest.raises(ImportError, match="pip install --no-deps toxic-comment-classifier"):
+        JigsawBiLSTMScorer().setup()

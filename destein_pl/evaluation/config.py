@@ -22,8 +22,8 @@ class EvaluationConfig:
         alphas: steering strengths to evaluate; None: 0 (the base model) and the loaded steering's alpha.
         sampling: how continuations are drawn (`num_samples`, `max_new_tokens`, `top_p`, `temperature`, `seed`,
             `max_prompt_tokens`; defaults: the paper's 25 x 20 tokens at top_p 0.9, temperature 1).
-        scorer: toxicity scorer: a short name (`profanity-check`, `hf-classifier`, `perspective`) or
-            `class_path`/`init_args` (see `--model.evaluation.scorer.help NAME` for its options).
+        scorer: toxicity scorer: a short name (`profanity-check`, `hf-classifier`, `perspective`,
+            `jigsaw-bilstm`) or `class_path`/`init_args` (see `--model.evaluation.scorer.help NAME` for its options).
         perplexity_model: language model that measures perplexity (name, path or hub id); None: the unsteered
             model itself.
         perplexity_model_dtype: its dtype (None: as stored).

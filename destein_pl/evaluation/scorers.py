@@ -1,4 +1,5 @@
-"""Toxicity scorers for evaluating continuations: an offline linear model, any Hugging Face classifier, Perspective API.
+"""Toxicity scorers for evaluating continuations: an offline linear model, any Hugging Face classifier, Perspective API,
+and the Jigsaw BiLSTM of `toxic-comment-classifier` (in `jigsaw_bilstm.py`).
 
 Every scorer maps a batch of texts to one toxicity in [0, 1] per text. A score that could not be obtained is None,
 never 0, so that failures cannot pass for non-toxic text; callers decide how to report them.
@@ -298,8 +299,10 @@ class PerspectiveScorer(ToxicityScorer):
         self.requests += 1
 
 
+from destein_pl.evaluation.jigsaw_bilstm import JigsawBiLSTMScorer  # a ToxicityScorer: imported once that is defined
+
 SCORERS: dict[str, type[ToxicityScorer]] = {
-    cls.name: cls for cls in (ProfanityCheckScorer, HFClassifierScorer, PerspectiveScorer)
+    cls.name: cls for cls in (ProfanityCheckScorer, HFClassifierScorer, PerspectiveScorer, JigsawBiLSTMScorer)
 }
 
 
