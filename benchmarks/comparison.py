@@ -4,6 +4,7 @@ at equal fluency cost.
     python -m benchmarks comparison --samples 5 --per-subset 25        # every sweep on the tune sample: table, plot
     python -m benchmarks comparison --split report --samples 10        # the matched points, on the report sample
     python -m benchmarks comparison --table-only [--split ...]           # tables and plot from what is stored
+    python -m benchmarks comparison --model gemma3-270m ...             # the same on Gemma 3 270M
 
 Every method runs through `destein_pl.baselines` (`SteeredCausalLM.set_method`) and the same `Evaluator` as DeStein:
 same sampler, scorer (profanity-check), perplexity model (the unsteered model), seeds and prompts. The pair-calibrated
@@ -15,7 +16,7 @@ strength on the tune sample:
 - `prompting`: the prefix on (one point: it has no strength).
 - `word_filter`: the list built from the pairs file, swept over its `min_count` (a lower count bans more words).
 - `actadd`: first its layer at alpha 1.5 (`actadd-layer`), then alphas at the layer chosen by the rule below.
-- `iti-k16`, `iti-k48`: K = 16 and 48 heads, several alphas each.
+- `iti-k<K>`: K heads (SmolLM2: 16 and 48; Gemma: 4 and 12, the same shares of its heads), several alphas each.
 - `dexperts`: the experts of `python -m benchmarks dexperts_train` (run it first), several betas (the evaluated
   alpha).
 - `self_detoxify`: several multiples of the authors' step (alpha 1 is their method).
@@ -80,8 +81,16 @@ SMOLLM2 = Comparison(
      "word_filter": (1, 2, 3, 5, 10), "actadd-layer": (6, 10, 14, 18), "actadd": (0.5, 1.0, 1.5, 2.0, 3.0),
      "iti-k16": (1.0, 2.0, 3.0, 4.0, 6.0), "iti-k48": (1.0, 2.0, 3.0, 4.0, 6.0),
      "dexperts": (0.5, 1.0, 2.0, 3.0, 4.0), "self_detoxify": (0.25, 0.5, 0.75, 1.0, 1.5)})
-COMPARISONS = {c.model: c for c in (SMOLLM2,)}
-SHIPPED = {"smollm2-135m": (("destein", 1.3), ("destein-gated", 1.3))}
+GEMMA3 = Comparison(
+    "gemma3-270m", "Gemma 3 270M", ROOT / "checkpoints" / "gemma3-270m-paradetox.ckpt", None,
+    {"destein": (0.2, 0.3, 0.4, 0.5, 0.6), "prompting": (1.0,), "word_filter": (1, 2, 3, 5, 10),
+     "actadd-layer": (3, 6, 9, 12), "actadd": (0.5, 1.0, 1.5, 2.0, 3.0),
+     "iti-k4": (1.0, 2.0, 3.0, 4.0, 6.0), "iti-k12": (1.0, 2.0, 3.0, 4.0, 6.0),
+     "dexperts": (0.5, 1.0, 2.0, 3.0, 4.0), "self_detoxify": (0.25, 0.5, 0.75, 1.0, 1.5)})
+"""Gemma's: DeStein at its own alpha scale (docs/models.md), no gated checkpoint (the gate does not help there); ITI's
+K at the same shares of its 72 heads as SmolLM2's 16 and 48 of 270, ActAdd's layers over its 18."""
+COMPARISONS = {c.model: c for c in (SMOLLM2, GEMMA3)}
+SHIPPED = {"smollm2-135m": (("destein", 1.3), ("destein-gated", 1.3)), "gemma3-270m": (("destein", 0.4),)}
 """The shipped checkpoints (series, their own alpha), evaluated on report beside the matched points."""
 
 

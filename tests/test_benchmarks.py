@@ -275,3 +275,20 @@ def test_the_comparison_matches_each_method_at_the_costliest_point_within_each_b
     assert matched(rows, actadd_layer=6) == {("x", 0.1): "x-a1", ("x", 0.2): "x-a2", ("actadd", 0.1): "actadd-l6-a1.5",
                                              ("actadd", 0.2): "actadd-l6-a1.5"}
     assert matched(rows, actadd_layer=10)[("actadd", 0.2)] == "actadd-l10-a1.5"  # another layer's stage is not used
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
+def test_each_comparison_sweeps_what_its_model_has(model):
+    from benchmarks.comparison import COMPARISONS, SHIPPED
+    from destein_pl.steering.checkpoint import read_checkpoint
+
+    comparison = COMPARISONS[model]
+    _, metadata = read_checkpoint(comparison.destein.with_suffix(".safetensors"))
+    shape = metadata["architecture"]
+    assert all(0 <= layer < shape["num_layers"] for layer in comparison.sweeps["actadd-layer"])
+    iti = [int(s.removeprefix("iti-k")) for s in comparison.sweeps if s.startswith("iti-k")]
+    assert iti and all(0 < k <= shape["num_layers"] * shape["num_heads"] for k in iti)
+    assert ("destein-gated" in comparison.sweeps) == (comparison.gated is not None)
+    for series, alpha in SHIPPED[model]:  # a shipped checkpoint's own alpha is on its line
+        assert alpha in comparison.sweeps[series]
+    assert all(len(v) >= 5 for s, v in comparison.sweeps.items() if s not in ("prompting", "actadd-layer"))
