@@ -77,7 +77,7 @@ class Comparison:
 SMOLLM2 = Comparison(
     "smollm2-135m", "SmolLM2-135M",
     ROOT / "checkpoints" / "smollm2-135m-paradetox.ckpt", ROOT / "checkpoints" / "smollm2-135m-gated.ckpt",
-    {"destein": (0.3, 0.5, 0.7, 0.9, 1.3), "destein-gated": (1.3, 1.8, 2.5, 3.2, 4.0), "prompting": (1.0,),
+    {"destein": (0.3, 0.5, 0.7, 0.9, 1.1, 1.3), "destein-gated": (1.3, 1.55, 1.8, 2.5, 3.2, 4.0), "prompting": (1.0,),
      "word_filter": (1, 2, 3, 5, 10), "actadd-layer": (6, 10, 14, 18), "actadd": (0.5, 1.0, 1.5, 2.0, 3.0),
      "iti-k16": (1.0, 2.0, 3.0, 4.0, 6.0), "iti-k48": (1.0, 2.0, 3.0, 4.0, 6.0),
      "dexperts": (0.5, 1.0, 2.0, 3.0, 4.0), "self_detoxify": (0.25, 0.5, 0.75, 1.0, 1.5)})
