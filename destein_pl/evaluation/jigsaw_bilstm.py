@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from destein_pl.evaluation.scorers import ToxicityScorer
+from destein_pl.evaluation.scorer_base import ToxicityScorer
 
 LABELS = ("toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate")
 MEAN = "mean"  # the package's own `predict`: the mean of the six labels

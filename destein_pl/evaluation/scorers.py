@@ -18,40 +18,23 @@ import logging
 import os
 import sqlite3
 import urllib.parse
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from destein_pl.evaluation.jigsaw_bilstm import JigsawBiLSTMScorer
+from destein_pl.evaluation.scorer_base import ToxicityScorer
 from destein_pl.files import cache_dir
 from destein_pl.http_client import HTTPRequestError, RateLimiter, endpoint_policy, post_json, redacted
-from destein_pl.plugins import Plugin, build_plugin
+from destein_pl.plugins import build_plugin
 
 log = logging.getLogger(__name__)
 
 
 class ScorerUnavailableError(RuntimeError):
     """A remote scorer gave no score to many texts in a row: its endpoint looks dead, so the run stops early."""
-
-
-class ToxicityScorer(Plugin, ABC):
-    """A way of scoring texts for toxicity, selected by its registry `name`."""
-
-    def score(self, texts: Sequence[str]) -> list[float | None]:
-        """Toxicity in [0, 1] per text, batched; None = could not be obtained (never silently 0)."""
-        self.setup()
-        return self._score(list(texts)) if texts else []
-
-    @abstractmethod
-    def _score(self, texts: list[str]) -> list[float | None]:
-        """`score` of a non-empty list, after `setup`."""
-
-    def fingerprint(self) -> dict[str, Any]:
-        """What the scores depend on (JSON): the name and the options that change scores, never a secret."""
-        return {"name": self.name}
 
 
 class ProfanityCheckScorer(ToxicityScorer):
@@ -298,8 +281,6 @@ class PerspectiveScorer(ToxicityScorer):
     def _count_request(self) -> None:
         self.requests += 1
 
-
-from destein_pl.evaluation.jigsaw_bilstm import JigsawBiLSTMScorer  # a ToxicityScorer: imported once that is defined
 
 SCORERS: dict[str, type[ToxicityScorer]] = {
     cls.name: cls for cls in (ProfanityCheckScorer, HFClassifierScorer, PerspectiveScorer, JigsawBiLSTMScorer)
