@@ -48,7 +48,6 @@ from benchmarks.frontier import (
     stored_records,
     stored_runs,
     stored_settings,
-    summarize,
 )
 from benchmarks.results import DATA, ROOT, Results
 
@@ -122,24 +121,23 @@ def settings_of(comparison: Comparison, out_tune: Path) -> list[dict[str, Any]]:
 
 
 def actadd_settings(comparison: Comparison, out_tune: Path) -> list[dict[str, Any]]:
-    layer = chosen_layer(comparison, out_tune)
+    layer = chosen_layer(comparison, stored_settings(out_tune))
     if layer is None:
         raise SystemExit(f"the ActAdd alphas need every layer's point under {out_tune}: run the actadd series")
     return [{"series": "actadd", "value": a, "alpha": a, "layer": layer} for a in comparison.sweeps["actadd"]]
 
 
-def chosen_layer(comparison: Comparison, out_tune: Path) -> int | None:
-    """The ActAdd layer: lowest toxic EMT at alpha 1.5 within +20% toxic perplexity (else the lowest perplexity);
-    None until every layer's point is stored."""
-    folders = [out_tune / setting_name("actadd-layer", layer) for layer in comparison.sweeps["actadd-layer"]]
-    if not all((f / "setting.json").is_file() for f in folders):
+def chosen_layer(comparison: Comparison, rows: dict[str, dict[str, Any]]) -> int | None:
+    """The ActAdd layer on the tune runs `rows` (`stored_settings`): lowest toxic EMT at alpha 1.5 within +20% toxic
+    perplexity (else the lowest perplexity); None until the base run and every layer's point are stored."""
+    names = [(layer, setting_name("actadd-layer", layer)) for layer in comparison.sweeps["actadd-layer"]]
+    if "base" not in rows or not all(name in rows for _, name in names):
         return None
-    base = summarize(out_tune / "base")
-    rows = [(layer, summarize(f)) for layer, f in zip(comparison.sweeps["actadd-layer"], folders)]
-    within = [(r["toxic"]["emt"], layer) for layer, r in rows if r["toxic"]["ppl"] <= base["toxic"]["ppl"] * 1.2]
+    budget = rows["base"]["toxic"]["ppl"] * 1.2
+    within = [(rows[name]["toxic"]["emt"], layer) for layer, name in names if rows[name]["toxic"]["ppl"] <= budget]
     if within:
         return int(min(within)[1])
-    return int(min((r["toxic"]["ppl"], layer) for layer, r in rows)[1])
+    return int(min((rows[name]["toxic"]["ppl"], layer) for layer, name in names)[1])
 
 
 def name_of(setting: dict[str, Any]) -> str:
@@ -262,7 +260,7 @@ def tune_table(comparison: Comparison, out: Path, results: Results, per_subset: 
     if "base" not in rows:
         raise SystemExit(f"no base run under {out}; run the sweep first")
     base = rows["base"]
-    layer = chosen_layer(comparison, out)
+    layer = chosen_layer(comparison, rows)
     lines = ["| series | setting | toxic EMT [95%] | toxic PPL | non-toxic EMT | non-toxic PPL |",
              "|---|---|---:|---:|---:|---:|"]
     points = []
@@ -299,7 +297,7 @@ def report_settings(comparison: Comparison, tune_out: Path) -> list[dict[str, An
         raise SystemExit(f"the report sample evaluates the points matched on tune: no tune runs under {tune_out}")
     shipped = [{"series": s, "value": a, "alpha": a} for s, a in SHIPPED[comparison.model]]
     picked = [{k: v for k, v in rows[n].items() if k in ("series", "value", "alpha", "layer")}
-              for n in sorted(set(matched(rows, chosen_layer(comparison, tune_out)).values()))]
+              for n in sorted(set(matched(rows, chosen_layer(comparison, rows)).values()))]
     return [{"series": "base", "value": 0.0, "alpha": 0.0}, *shipped, *picked]
 
 
@@ -307,7 +305,8 @@ def report_table(comparison: Comparison, tune_out: Path, out: Path, results: Res
                  samples: int, runs: Path) -> None:
     from destein_pl import load_base_model
 
-    rows, picks = stored_settings(out), matched(stored_settings(tune_out), chosen_layer(comparison, tune_out))
+    rows, tune_rows = stored_settings(out), stored_settings(tune_out)
+    picks = matched(tune_rows, chosen_layer(comparison, tune_rows))
     tokenizer = load_base_model(comparison.model)[1]
     base = rows["base"]
     speed = {name: tokens_per_second(out / name, tokenizer) for name in rows}

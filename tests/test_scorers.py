@@ -422,6 +422,15 @@ def _keras_lstm(xs, kernel, recurrent, bias):
     return np.stack(out)
 
 
+def _keras_bilstm(w, ids):
+    """Keras' Bidirectional(LSTM) states on the ids' embeddings: forward, then backward, per step."""
+    x = w["embedding/vars/0"][ids]
+    cell = "bidirectional/{}_layer/cell/vars/{}"
+    forward = _keras_lstm(x, *(w[cell.format("forward", i)] for i in range(3)))
+    backward = _keras_lstm(x[::-1], *(w[cell.format("backward", i)] for i in range(3)))[::-1]
+    return np.concatenate([forward, backward], axis=1)
+
+
 def test_jigsaw_bilstm_scores_insults_high_and_polite_text_low(jigsaw):
     insults = ["you are a stupid idiot", "Shut up, you worthless piece of shit.", "fuck you, moron"]
     polite = ["Thank you very much for your help, I really appreciate it.", "The meeting is moved to Tuesday.",
@@ -464,14 +473,9 @@ def test_jigsaw_bilstm_tokenizer_matches_a_hand_computation(jigsaw):
 def test_jigsaw_bilstm_lstm_is_the_keras_cell_recurrence(jigsaw):
     w = _keras_weights()
     ids = [0, 0, 302, 257, 6]  # leading padding, then "hello world you"
-    x = w["embedding/vars/0"][ids]
-    cell = "bidirectional/{}_layer/cell/vars/{}"
-    forward = _keras_lstm(x, *(w[cell.format("forward", i)] for i in range(3)))
-    backward = _keras_lstm(x[::-1], *(w[cell.format("backward", i)] for i in range(3)))[::-1]
     with torch.inference_mode():
         states, _ = jigsaw.model.lstm(jigsaw.model.embedding(torch.tensor([ids])))
-    np.testing.assert_allclose(states[0].double().numpy(), np.concatenate([forward, backward], axis=1),
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(states[0].double().numpy(), _keras_bilstm(w, ids), rtol=0, atol=1e-5)
 
 
 def test_jigsaw_bilstm_network_matches_keras_over_the_padding(jigsaw):
@@ -483,11 +487,7 @@ def test_jigsaw_bilstm_network_matches_keras_over_the_padding(jigsaw):
     assert pad_pre(jigsaw.tokenizer.texts_to_sequences([text]))[0].tolist() == ids
 
     def keras_model(ids):
-        x = w["embedding/vars/0"][ids]
-        cell = "bidirectional/{}_layer/cell/vars/{}"
-        forward = _keras_lstm(x, *(w[cell.format("forward", i)] for i in range(3)))
-        backward = _keras_lstm(x[::-1], *(w[cell.format("backward", i)] for i in range(3)))[::-1]
-        pooled = np.concatenate([forward, backward], axis=1).max(axis=0)
+        pooled = _keras_bilstm(w, ids).max(axis=0)
         hidden = np.maximum(pooled @ w["dense/vars/0"] + w["dense/vars/1"], 0.0)
         return _sigmoid(hidden @ w["dense_1/vars/0"] + w["dense_1/vars/1"])
 
