@@ -251,7 +251,7 @@ def test_an_unknown_verb_lists_every_verb_and_the_closest(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err == ("destein: error: unknown verb 'tset' (did you mean 'test'?); the verbs are fit, test, generate, "
-                   "compare, induce, export")
+                   "compare, induce, gate, export")
     for gone in ("validate", "predict"):
         with pytest.raises(SystemExit):
             main([gone])
@@ -264,7 +264,7 @@ def test_the_overview_lists_every_verb(capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     verbs = re.findall(r"^  (\w+) ", printed, flags=re.MULTILINE)
-    assert verbs == ["fit", "test", "generate", "compare", "induce", "export"]
+    assert verbs == ["fit", "test", "generate", "compare", "induce", "gate", "export"]
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--help"])
     assert exit_info.value.code == 0

@@ -518,3 +518,97 @@ def test_malformed_gate_metadata_names_the_file(gate, message):
     tensors = {**steered.steering_tensors(), **probes.arrays("gate_probe_")}
     with pytest.raises(CheckpointError, match=f"x.safetensors: {message}"):
         steered.load_steering(tensors, metadata, "x.safetensors")
+
+
+# ---- the floor and the continuation probes ---------------------------------------------------------------------
+def test_the_floor_is_the_least_share_of_alpha_and_keeps_the_gate_monotone():
+    score = torch.linspace(0, 1, 1001)
+    for mode in ("hard", "smooth"):
+        plain, floored = GateSettings(mode, threshold=0.4), GateSettings(mode, threshold=0.4, floor=0.25)
+        torch.testing.assert_close(floored(score), 0.25 + 0.75 * plain(score))
+        assert floored(score).min() >= 0.25 and (floored(score)[1:] >= floored(score)[:-1]).all()
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="gate floor must be in \\[0, 1\\)"):
+            GateSettings("smooth", floor=bad)
+    with pytest.raises(ValueError, match="gate probes must be one of context, continuation"):
+        GateSettings("smooth", probes="future")
+    # defaults stay out of the metadata (and so out of the steering digest of a gate without them)
+    assert "floor" not in GateSettings("smooth").metadata() and "probes" not in GateSettings("smooth").metadata()
+    settings = GateSettings("smooth", floor=0.1, probes="continuation")
+    assert GateSettings.from_metadata(settings.metadata()) == settings
+
+
+@pytest.mark.parametrize("fusion", ["paper", "norm_preserving"])
+def test_a_closed_gate_with_a_floor_steers_every_row_at_the_floors_share_of_alpha(fusion):
+    ids, mask = left_pad([random_ids(1, 9, seed=4)[0], random_ids(1, 6, seed=5)[0]])
+    steered = steered_tiny("llama", fusion=fusion)
+    probes = random_probes(steered, scale=0.0)
+    probes.intercept.fill_(-8.0)  # the probes call every context clean: the hard gate is closed
+    steered.set_gate(GateSettings("hard", floor=0.25), probes)
+    real = mask.bool()
+    expected = logits(steered_tiny("llama", alpha=0.25 * ALPHA, fusion=fusion), ids, mask)
+    torch.testing.assert_close(logits(steered, ids, mask)[real], expected[real], rtol=0, atol=1e-5)
+    gate, _ = steered.gate_values(ids, mask)
+    assert gate[real].eq(0.25).all() and gate[~real].eq(0).all()  # padding-only windows stay unsteered
+
+
+def continuation_gated_tiny(family: str, mode: str, floor: float) -> SteeredCausalLM:
+    """A tiny model gated by continuation probes (its context probes differ), with a floor."""
+    steered = steered_tiny(family)
+    steered.set_gate(GateSettings("smooth"), random_probes(steered, seed=9))  # context probes, not read below
+    steered.set_gate(GateSettings("smooth", heads=6, window=3, probes="continuation"), random_probes(steered, scale=2.0))
+    ids = random_ids(4, 12, seed=11)
+    threshold = separating_threshold(steered.gate_values(ids)[1])
+    steered.set_gate(GateSettings(mode, threshold=threshold, temperature=0.02, heads=6, window=3, floor=floor,
+                                  probes="continuation"))
+    return steered
+
+
+@pytest.mark.parametrize("mode", ["hard", "smooth"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+def test_continuation_probes_and_a_floor_keep_the_samplers_guarantees(family, mode):
+    steered = continuation_gated_tiny(family, mode, floor=0.2)
+    ids, mask = left_pad([random_ids(1, 12, seed=12)[0], random_ids(1, 9, seed=13)[0]])
+    assert_cached_steps_equal_a_full_forward(steered, ids, mask)
+    arch = steered.architecture
+    prompt, other = [5, 9, 14, 3], [40, 41, 42, 43, 44, 45, 46, 47]
+    settings, batch, keys = SamplingSettings(num_samples=2, max_new_tokens=10), [other, prompt, other, [60, 61]], "opqr"
+    alone = sample(steered, arch, [prompt], ["p"], settings, 0, [2], width=8).tokens
+    assert sample(steered, arch, batch, list(keys), settings, 0, [2], width=8).tokens[1] == alone[0]
+
+
+def test_the_gate_reads_the_probe_set_its_settings_name_and_the_digest_follows_it():
+    steered = steered_tiny("llama")
+    context, continuation = random_probes(steered, seed=3), random_probes(steered, seed=4)
+    steered.set_gate(GateSettings("smooth", heads=5, window=3), context)
+    ids, mask = left_pad([random_ids(1, 7, seed=4)[0], random_ids(1, 5, seed=5)[0]])
+    on_context = steered.steering_digest()
+    settings = GateSettings("smooth", heads=5, window=3, probes="continuation")
+    with pytest.raises(ValueError, match="probes 'continuation' needs the continuation probes.*destein gate"):
+        steered.set_gate(settings)
+    steered.set_gate(settings, continuation)
+    assert steered.gate_probes is context and steered.continuation_probes is continuation
+    real = mask.bool()
+    expected = hand_scores("llama", continuation, settings, ids, mask)
+    torch.testing.assert_close(steered.gate_values(ids, mask)[1][real], expected[real], rtol=0, atol=1e-5)
+    assert steered.steering_digest() != on_context
+    steered.set_gate(GateSettings("smooth", heads=5, window=3))
+    assert steered.steering_digest() == on_context
+
+
+def test_a_checkpoint_gated_by_continuation_probes_loads_them_and_refuses_to_lack_them():
+    steered = steered_tiny("llama")
+    context, continuation = random_probes(steered, seed=3), random_probes(steered, seed=4)
+    settings = GateSettings("smooth", floor=0.1, probes="continuation")
+    metadata = {"format": "destein-pl/1", "architecture": steered.signature(),
+                "options": {"fusion": "paper", "gate": settings.metadata()}}
+    tensors = {**steered.steering_tensors(), **context.arrays("gate_probe_")}
+    with pytest.raises(CheckpointError, match="x.ckpt: gate 'smooth' needs the continuation probes "
+                                              "\\(continuation_probe_\\*\\)"):
+        steered.load_steering(tensors, metadata, "x.ckpt")
+    fresh = steered_tiny("llama")
+    fresh.load_steering({**tensors, **{f"probes.{k}": v for k, v in continuation.arrays("continuation_probe_").items()}},
+                        metadata, "x.ckpt")
+    assert fresh.gate == settings
+    assert torch.equal(fresh.continuation_probes.coef, continuation.coef)
+    assert torch.equal(fresh.gate_probes.coef, context.coef)

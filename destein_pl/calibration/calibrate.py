@@ -60,6 +60,9 @@ class CalibrationOptions:
         operator_for(self.fusion)
         if not isinstance(self.gate, GateSettings):
             raise TypeError(f"gate must be GateSettings, got {type(self.gate).__name__}")
+        if self.gate.probes != "context":
+            raise ValueError(f"gate probes {self.gate.probes!r} are fit on the model's continuations after calibration "
+                             f"(`destein gate`); calibrate with the default gate probes, 'context'")
         if self.head_weights not in ("probe", "uniform"):
             raise ValueError(f"head_weights must be 'probe' or 'uniform', got {self.head_weights!r}")
         if self.last_k < 1:

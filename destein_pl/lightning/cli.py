@@ -1,5 +1,5 @@
 """The `destein` command. `fit` and `test` are a LightningCLI over `DeSteinModule` and `DeSteinDataModule`;
-`generate`, `compare`, `induce` and `export` are typed functions. Every verb is parsed by jsonargparse: options on
+`generate`, `compare`, `induce`, `gate` and `export` are typed functions. Every verb is parsed by jsonargparse: options on
 the command line or in YAML (`--config`), checked against their types, listed by `--help`. When the library refuses
 bad input (a ValueError, OSError, ImportError or unavailable scorer raised by destein-pl's own code), the verb ends
 with one line `destein VERB: error: MESSAGE` on stderr and exit code 2; any other exception keeps its traceback."""
@@ -21,6 +21,7 @@ import docstring_parser
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 
+from destein_pl.calibration.continuation_gate import gate
 from destein_pl.evaluation.prompts import Prompt, PromptsConfig, load_prompts
 from destein_pl.evaluation.report import load_results, markdown_table
 from destein_pl.evaluation.sampling import PromptSampler, SamplingSettings
@@ -200,11 +201,13 @@ VERBS = {
     "generate": "continue prompts with the base and the steered model, side by side",
     "compare": "put evaluations side by side, and plot toxicity against perplexity",
     "induce": "mine steering pairs from the model itself",
+    "gate": "fit a gate that predicts toxic continuations, into a copy of a steering checkpoint",
     "export": "fold a steering checkpoint into its base model, for engines without destein-pl",
 }
 """Every verb of `destein`, with what `destein --help` says it does."""
 LIGHTNING_VERBS = ("fit", "test")
-FUNCTION_VERBS: dict[str, Callable] = {"generate": generate, "compare": compare, "induce": induce, "export": export}
+FUNCTION_VERBS: dict[str, Callable] = {"generate": generate, "compare": compare, "induce": induce, "gate": gate,
+                                       "export": export}
 USER_ERRORS = (ValueError, OSError, ImportError, ScorerUnavailableError)
 """What destein-pl raises when it refuses bad input (a CheckpointError is a ValueError)."""
 PACKAGE = Path(__file__).resolve().parents[1]

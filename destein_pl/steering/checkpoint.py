@@ -9,9 +9,10 @@ Reading never unpickles arbitrary objects (`torch.load(weights_only=True)` or sa
 tensors; `SteeredCausalLM.load_steering` checks that the checkpoint was made for the model's architecture.
 
 The fusion operator and the gate settings are metadata (`options.fusion`, `options.gate`); the gate's probes are the
-`gate_probe_*` tensors (fit on the pairs without their cues; `probes.gate_probe_*` in a `.ckpt`), the head-weight
-probes `probe_*`. A gate needs its probes: a checkpoint that names a gate without them, or holds only some of their
-three tensors, is refused.
+`gate_probe_*` tensors (fit on the pairs without their cues; `probes.gate_probe_*` in a `.ckpt`) or, for a gate
+reading continuation probes, `continuation_probe_*` (from `destein gate`); the head-weight probes are `probe_*`. A
+gate needs its probes: a checkpoint that names a gate without them, or holds only some of their three tensors, is
+refused.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch import Tensor
 from destein_pl.files import atomic_path, write_atomic
 from destein_pl.steering.gating import GateSettings
 from destein_pl.steering.operators import operator_for
-from destein_pl.steering.probes import GATE_PREFIX, Probes
+from destein_pl.steering.probes import GATE_PROBE_PREFIXES, Probes
 
 FORMAT = "destein-pl/1"
 METADATA_KEY = "destein"
@@ -156,17 +157,20 @@ def check_format(metadata: dict[str, Any] | None, source: str | Path) -> dict[st
 
 
 def steering_options(tensors: dict[str, Tensor], metadata: dict[str, Any], source: str | Path
-                     ) -> tuple[str, GateSettings, Probes | None]:
-    """The checkpoint's fusion operator name, gate settings and gate probes (`paper`, `none` where it names none)."""
+                     ) -> tuple[str, GateSettings, dict[str, Probes | None]]:
+    """The checkpoint's fusion operator name, gate settings and gate probe sets by `GateSettings.probes` value
+    (`paper`, `none` and None where it names or holds none)."""
     options = metadata.get("options") or {}
     try:
         fusion = options.get("fusion", "paper")
         operator_for(fusion)
         gate = GateSettings.from_metadata(options.get("gate"))
-        probes = Probes.from_arrays({k.removeprefix(PROBES_PREFIX): v for k, v in tensors.items()}, GATE_PREFIX)
-        if gate.enabled and probes is None:
-            raise ValueError(f"gate {gate.mode!r} needs the gate's probes ({GATE_PREFIX}*), and the checkpoint has "
-                             f"none")
+        plain = {k.removeprefix(PROBES_PREFIX): v for k, v in tensors.items()}
+        probes = {name: Probes.from_arrays(plain, prefix) for name, prefix in GATE_PROBE_PREFIXES.items()}
+        if gate.enabled and probes[gate.probes] is None:
+            which = "the gate's" if gate.probes == "context" else f"the {gate.probes}"
+            raise ValueError(f"gate {gate.mode!r} needs {which} probes ({GATE_PROBE_PREFIXES[gate.probes]}*), and the "
+                             f"checkpoint has none")
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{source}: {err}") from err
     return fusion, gate, probes

@@ -13,8 +13,8 @@ probe's logit of a mean is the mean of its logits, this is the probe applied to 
 when `window == last_k` (default 8 for both). The score is the mean over gate heads of the sigmoid of those
 logits: the probes' mean toxic probability for the context up to and including the position.
 
-**The gate.** `hard`: 1 where score >= threshold, else 0; `smooth`: `sigmoid((score - threshold) / temperature)`.
-Both are monotone non-decreasing in the score and lie in [0, 1]. The gate multiplies alpha for that row and
+**The gate.** `hard`: 1 where score >= threshold, else 0; `smooth`: `sigmoid((score - threshold) / temperature)`;
+with a `floor` f > 0, `f + (1 - f) * g`. All are monotone non-decreasing in the score and lie in [0, 1]. The gate multiplies alpha for that row and
 position (see `fusion` for how each variant uses it); at gate 0 every variant leaves the row exactly unsteered.
 A position whose window holds only padding (left padding of a batch) gets gate 0.
 
@@ -36,10 +36,12 @@ A row's gate depends only on that row's tokens, so a continuation does not depen
 number of processes; a cached step gives the gate of a full forward over the whole sequence (window sums are taken
 in a fixed order, so they do not depend on how the sequence was split into forwards).
 
-**What the checkpoint stores.** The gate's probes (`Probes`: coefficients `[L, H, D]`, intercepts `[L, H]` and
-accuracies `[L, H]`, fit on the pairs without their cues; tensors `gate_probe_coef`, `gate_probe_intercept`,
-`gate_probe_accuracy`, under `probes.` in a Lightning `.ckpt`) and the
-settings under `options.gate` in the metadata. No activation scaling is needed: `calibration.probes` fits its
+**Which probes.** `probes: context` (default) reads the probes calibration fits on the pairs without their cues
+(`Probes`: coefficients `[L, H, D]`, intercepts `[L, H]` and accuracies `[L, H]`; tensors `gate_probe_coef`,
+`gate_probe_intercept`, `gate_probe_accuracy`, under `probes.` in a Lightning `.ckpt`): how toxic the context is.
+`probes: continuation` reads the probes `destein gate` fits on the model's own continuations
+(`continuation_probe_*`; `destein_pl.calibration.continuation_probes`): how likely what follows is toxic. The
+settings are stored under `options.gate` in the metadata. No activation scaling is needed: `calibration.probes` fits its
 logistic regressions on the raw (unstandardized) float activations, so coefficients and intercepts apply to raw
 activations as they are (metadata `probe_scaling: none`; a checkpoint naming any other scaling is refused).
 
@@ -66,6 +68,11 @@ from destein_pl.steering.probes import Probes
 
 GateMode = Literal["none", "hard", "smooth"]
 GATE_MODES: tuple[str, ...] = ("none", "hard", "smooth")
+GateProbes = Literal["context", "continuation"]
+GATE_PROBES: tuple[str, ...] = ("context", "continuation")
+"""Which probes the gate reads: `context` (fit at calibration on the pairs without cues: is the context toxic?) or
+`continuation` (fit on the model's own sampled continuations: will what follows be toxic?
+`destein_pl.calibration.continuation_probes`)."""
 MAX_WINDOW = 4096
 """The longest gate window, in positions (the gate keeps `window - 1` positions of probe logits per row)."""
 PROBE_SCALING = "none"
@@ -90,6 +97,11 @@ class GateSettings:
         layers: the gate heads come from the first `layers` decoder layers only (None: from all). The shadow pass
             runs up to the deepest gate head's layer, so a shallow gate costs less (and its probes are less
             accurate: `python -m benchmarks gate_depth` measures both).
+        floor: the least share of alpha a row gets, in [0, 1): the gate is `floor + (1 - floor) * g`, so that a
+            toxic continuation after a clean-looking context is still steered a little (0: none).
+        probes: which probes score the context: `context` (the calibration's, fit on the pairs without cues: how
+            toxic the context is) or `continuation` (fit on the model's own continuations by `destein gate`: how
+            likely what follows is toxic).
     """
 
     mode: GateMode = "none"
@@ -98,6 +110,8 @@ class GateSettings:
     heads: int = 16
     window: int = 8
     layers: int | None = None
+    floor: float = 0.0
+    probes: GateProbes = "context"
 
     def __post_init__(self) -> None:
         if self.mode not in GATE_MODES:
@@ -114,15 +128,21 @@ class GateSettings:
                                         or self.layers < 1):
             raise ValueError(f"gate layers must be an integer >= 1 (the first decoder layers) or None (all), "
                              f"got {self.layers}")
+        if not (math.isfinite(self.floor) and 0 <= self.floor < 1):
+            raise ValueError(f"gate floor must be in [0, 1) (the least share of alpha a row gets), got {self.floor}")
+        if self.probes not in GATE_PROBES:
+            raise ValueError(f"gate probes must be one of {', '.join(GATE_PROBES)}; got {self.probes!r}")
 
     @property
     def enabled(self) -> bool:
         return self.mode != "none"
 
     def metadata(self) -> dict[str, Any]:
-        """The settings as checkpoint metadata and `results.json` record them; `layers` only when set, so that the
-        steering digest of a gate over all layers is what it was before the option existed."""
-        settings = {k: v for k, v in asdict(self).items() if not (k == "layers" and v is None)}
+        """The settings as checkpoint metadata and `results.json` record them; `layers`, `floor` and `probes` only
+        when not their defaults, so that the steering digest of a gate without them is what it was before they
+        existed."""
+        later = {"layers": None, "floor": 0.0, "probes": "context"}
+        settings = {k: v for k, v in asdict(self).items() if not (k in later and v == later[k])}
         return {**settings, "probe_scaling": PROBE_SCALING}
 
     @classmethod
@@ -141,23 +161,26 @@ class GateSettings:
         unknown = sorted(set(data) - set(known) - {"probe_scaling"})
         if unknown:
             raise ValueError(f"options.gate has unknown keys {unknown}; known: {', '.join(known)}")
-        for name in ("threshold", "temperature", "heads", "window", "layers"):
+        for name in ("threshold", "temperature", "heads", "window", "layers", "floor"):
             value = data.get(name, 0)
             if name == "layers" and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"options.gate.{name} must be a number, got {value!r}")
-        if not isinstance(data.get("mode", "none"), str):
-            raise ValueError(f"options.gate.mode must be one of {', '.join(GATE_MODES)}, got {data['mode']!r}")
+        for name, accepted in (("mode", GATE_MODES), ("probes", GATE_PROBES)):
+            if not isinstance(data.get(name, accepted[0]), str):
+                raise ValueError(f"options.gate.{name} must be one of {', '.join(accepted)}, got {data[name]!r}")
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def __call__(self, score: Tensor) -> Tensor:
-        """The gate, in [0, 1], for scores (mean toxic probabilities); monotone non-decreasing."""
+        """The gate, in [`floor`, 1], for scores (mean toxic probabilities); monotone non-decreasing."""
         if self.mode == "hard":
-            return (score >= self.threshold).to(score.dtype)
-        if self.mode == "smooth":
-            return torch.sigmoid((score - self.threshold) / self.temperature)
-        return torch.ones_like(score)
+            gate = (score >= self.threshold).to(score.dtype)
+        elif self.mode == "smooth":
+            gate = torch.sigmoid((score - self.threshold) / self.temperature)
+        else:
+            return torch.ones_like(score)
+        return gate if self.floor == 0 else self.floor + (1 - self.floor) * gate
 
 
 class GateHistory(DynamicLayer):

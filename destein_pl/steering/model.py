@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -88,7 +88,10 @@ class SteeredCausalLM(nn.Module):
             block.__class__ = steered_class(type(block))
             block._init_steering(self.num_heads, self.head_dim, projection)
         self.gate_probes: Probes | None = None
-        """The calibrated probes the gate reads (set by calibration or a checkpoint that has them)."""
+        """The calibrated probes the gate reads by default (set by calibration or a checkpoint that has them)."""
+        self.continuation_probes: Probes | None = None
+        """Probes fit on the model's own continuations (`destein gate`), which a gate with `probes: continuation`
+        reads."""
         self._operator: SteeringOperator = blocks[0].steer_operator
         self._gate_settings = GateSettings()
         self._gate: ProbeGate | None = None
@@ -183,34 +186,51 @@ class SteeredCausalLM(nn.Module):
         self.configure(gate=value or GateSettings())
 
     def set_gate(self, settings: GateSettings | None, probes: Probes | None = None) -> None:
-        """Gate the steering by the probes (`destein_pl.steering.gating`); None: no gate. `probes` replaces
-        `gate_probes`; a gate needs them."""
-        self.configure(gate=settings or GateSettings(), gate_probes=probes)
+        """Gate the steering by the probes (`destein_pl.steering.gating`); None: no gate. `probes` replaces the set
+        that `settings.probes` names (`gate_probes` or `continuation_probes`); a gate needs that set."""
+        settings = settings or GateSettings()
+        self.configure(gate=settings, **{self._PROBE_SETS[settings.probes]: probes})
+
+    _PROBE_SETS: ClassVar[dict[str, str]] = {"context": "gate_probes", "continuation": "continuation_probes"}
+    """Each `GateSettings.probes` value and the attribute holding that set."""
 
     def configure(self, fusion: str | None = None, gate: GateSettings | None = None,
-                  gate_probes: Probes | None = None) -> None:
-        """Set the steering operator (by name), the gate settings and the gate's probes; None keeps the current one.
-        The one place where these settings reach the attention blocks."""
+                  gate_probes: Probes | None = None, continuation_probes: Probes | None = None) -> None:
+        """Set the steering operator (by name), the gate settings and the gate's probe sets; None keeps the current
+        one. The one place where these settings reach the attention blocks."""
         operator = self._operator if fusion is None else operator_for(fusion)
         operator.check(self.config, self.num_heads, self.head_dim)
         if gate is not None and not isinstance(gate, GateSettings):
             raise TypeError(f"gate must be GateSettings or None, got {type(gate).__name__}")
-        if gate_probes is not None and gate_probes.shape != (self.num_layers, self.num_heads, self.head_dim):
-            raise ValueError(f"probes must have coef [num_layers, num_heads, head_dim] = "
-                             f"{[self.num_layers, self.num_heads, self.head_dim]}, got {list(gate_probes.shape)}")
-        probes = self.gate_probes if gate_probes is None else gate_probes
+        given = {"gate_probes": gate_probes, "continuation_probes": continuation_probes}
+        for probes in given.values():
+            if probes is not None and probes.shape != (self.num_layers, self.num_heads, self.head_dim):
+                raise ValueError(f"probes must have coef [num_layers, num_heads, head_dim] = "
+                                 f"{[self.num_layers, self.num_heads, self.head_dim]}, got {list(probes.shape)}")
+        sets = {name: getattr(self, name) if probes is None else probes for name, probes in given.items()}
         settings = self._gate_settings if gate is None else gate
         modifier = self._gate
-        if gate is not None or gate_probes is not None:
+        if gate is not None or any(p is not None for p in given.values()):
+            probes = sets[self._PROBE_SETS[settings.probes]]
             if settings.enabled and probes is None:
-                raise ValueError(f"gate={settings.mode!r} needs the calibrated probes; calibrate, or load a checkpoint "
-                                 "that has them (gate_probe_coef, gate_probe_intercept, gate_probe_accuracy)")
+                raise ValueError(
+                    f"gate={settings.mode!r} needs the calibrated probes; calibrate, or load a checkpoint that has them "
+                    f"(gate_probe_coef, gate_probe_intercept, gate_probe_accuracy)" if settings.probes == "context" else
+                    f"gate={settings.mode!r} with probes 'continuation' needs the continuation probes; fit them on the "
+                    f"model's own continuations with `destein gate`, or load a checkpoint that has them "
+                    f"(continuation_probe_coef, continuation_probe_intercept, continuation_probe_accuracy)")
             if self._gate is not None:
                 self._gate.remove()
             modifier = ProbeGate(self.model, self.architecture, settings, probes) if settings.enabled else None
-        self._operator, self._gate_settings, self._gate, self.gate_probes = operator, settings, modifier, probes
+        self._operator, self._gate_settings, self._gate = operator, settings, modifier
+        self.gate_probes, self.continuation_probes = sets["gate_probes"], sets["continuation_probes"]
         for block in self.blocks:
             block.steer_operator, block.steer_modifier = operator, modifier
+
+    @property
+    def active_gate_probes(self) -> Probes | None:
+        """The probe set the gate reads (`gate.probes`), whether or not a gate is on."""
+        return getattr(self, self._PROBE_SETS[self.gate.probes])
 
     def gate_values(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """`(gate, score)`, each `[batch, seq]`: what the gate would apply at every position of whole sequences, and
@@ -286,7 +306,7 @@ class SteeredCausalLM(nn.Module):
         if self.fusion != "paper" or self.gate.enabled:
             digest.update(json.dumps({"fusion": self.fusion, "gate": self.gate.metadata()}, sort_keys=True).encode())
         if self.gate.enabled:
-            for tensor in self.gate_probes.arrays("").values():
+            for tensor in self.active_gate_probes.arrays("").values():
                 digest.update(tensor.contiguous().numpy().tobytes())
         if self.method is not None:
             digest.update(json.dumps(self.method.settings(), sort_keys=True).encode())
@@ -314,8 +334,9 @@ class SteeredCausalLM(nn.Module):
         check_signature(metadata, self.signature(), source)
         check_values(tensors, source)
         fusion, gate, probes = steering_options(tensors, metadata, source)
-        self.gate_probes = None  # the checkpoint's probes, or none
-        self.configure(fusion=fusion, gate=gate, gate_probes=probes)
+        self.gate_probes = self.continuation_probes = None  # the checkpoint's probes, or none
+        self.configure(fusion=fusion, gate=gate, gate_probes=probes["context"],
+                       continuation_probes=probes["continuation"])
         if "vectors" in tensors:
             try:
                 self.set_steering(tensors["vectors"], tensors["head_weights"], float(tensors["alpha"]))

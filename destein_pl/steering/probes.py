@@ -2,7 +2,10 @@
 
 Calibration fits two sets on the same pairs (`destein_pl.calibration.probes`): one on the cued texts, whose
 validation accuracies weigh the heads (the paper's), and one on the texts without their cues, which the gate reads.
-Both are this type; a checkpoint stores them as `probe_*` and `gate_probe_*` tensors.
+`destein gate` fits a third on the model's own continuations (`destein_pl.calibration.continuation_probes`), which
+the gate reads instead when its `probes` setting is `continuation`; for those, `accuracy` holds each probe's
+validation AUROC. All are this type; a checkpoint stores them as `probe_*`, `gate_probe_*` and
+`continuation_probe_*` tensors.
 """
 
 from __future__ import annotations
@@ -16,7 +19,11 @@ FIELDS = ("coef", "intercept", "accuracy")
 HEAD_WEIGHT_PREFIX = "probe_"
 """Tensor-name prefix of the probes that weigh the heads."""
 GATE_PREFIX = "gate_probe_"
-"""Tensor-name prefix of the probes the gate reads."""
+"""Tensor-name prefix of the probes the gate reads by default (`GateSettings.probes` `context`)."""
+CONTINUATION_PREFIX = "continuation_probe_"
+"""Tensor-name prefix of the probes fit on the model's own continuations (`GateSettings.probes` `continuation`)."""
+GATE_PROBE_PREFIXES = {"context": GATE_PREFIX, "continuation": CONTINUATION_PREFIX}
+"""Each `GateSettings.probes` value and the prefix of the tensors it reads."""
 
 
 class ProbesError(ValueError):
@@ -32,7 +39,8 @@ class Probes:
     intercept: Tensor
     """`[L, H]`."""
     accuracy: Tensor
-    """`[L, H]` validation accuracy in [0, 1]."""
+    """`[L, H]` validation accuracy (continuation probes: validation AUROC) in [0, 1]; the gate's heads are the
+    probes ranked highest by it."""
 
     def __post_init__(self) -> None:
         self.coef, self.intercept, self.accuracy = (torch.as_tensor(t).detach().float().cpu()
