@@ -26,7 +26,7 @@ import logging
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,11 @@ GATE = {"mode": "smooth", "threshold": 0.28, "temperature": 0.05, "heads": 16, "
 GEMMA3_GATE = {**GATE, "threshold": 0.257}
 """Gemma's smooth gate: the threshold of its 40-pair gate probes (`gate_scores --model gemma3-270m`)."""
 
+FLOOR = 0.25
+"""The floor of the `-floor` series: at the gated alphas (1 to 2.5), a row the gate leaves closed is still steered
+at 0.25 to 0.63, the strength of ungated settings that cost little perplexity on this sample."""
+GATED_ALPHAS = (1.0, 1.3, 1.55, 1.8, 2.5)
+
 
 @dataclass(frozen=True)
 class Frontier:
@@ -58,6 +63,8 @@ class Frontier:
     steering: str
     """The checkpoint of a setting that names none."""
     shipped: dict[str, Any]
+    reference: str
+    """The tune setting that the shipped checkpoint runs (the table's "vs shipped" column)."""
 
 
 SMOLLM2 = Frontier(
@@ -65,18 +72,25 @@ SMOLLM2 = Frontier(
     {"paradetox-1000": ROOT / "checkpoints" / "smollm2-135m-gated.ckpt",
      "paradetox-40": ROOT / "checkpoints" / "smollm2-135m-paradetox.ckpt",
      "self-induced-lexical": ROOT / "checkpoints" / "smollm2-135m-self-induced.ckpt",
-     "self-induced-fewshot": RUNS / "checkpoints" / "smollm2-135m-self-fewshot.ckpt"},
-    [*({"series": "paper", "alpha": a} for a in (0.9, 1.3, 1.8)),
-     *({"series": "smooth-paper", "alpha": a, "gate": GATE} for a in (1.3, 1.8, 2.5)),
+     "self-induced-fewshot": RUNS / "checkpoints" / "smollm2-135m-self-fewshot.ckpt",
+     "forward-1000": RUNS / "checkpoints" / "smollm2-135m-forward-gated.ckpt"},
+    [*({"series": "paper", "alpha": a} for a in (0.5, 0.7, 0.9, 1.1, 1.3, 1.8)),
+     *({"series": "smooth-paper", "alpha": a, "gate": GATE} for a in (*GATED_ALPHAS, 3.2)),
+     *({"series": "smooth-floor", "alpha": a, "gate": GATE, "floor": FLOOR} for a in GATED_ALPHAS),
+     *({"series": "forward", "alpha": a, "checkpoint": "forward-1000", "gate": "own"} for a in GATED_ALPHAS),
+     *({"series": "forward-floor", "alpha": a, "checkpoint": "forward-1000", "gate": "own", "floor": FLOOR}
+       for a in GATED_ALPHAS),
      *({"series": "hard-paper", "alpha": a, "gate": {**GATE, "mode": "hard"}} for a in (1.8,)),
      *({"series": "norm_preserving", "alpha": a, "fusion": "norm_preserving"} for a in (1.3, 2.0)),
      *({"series": "published", "alpha": a, "fusion": "published"} for a in (0.1, 0.3)),
      *({"series": f"pairs-{c}", "alpha": 1.3, "checkpoint": c}
        for c in ("paradetox-40", "self-induced-lexical", "self-induced-fewshot"))],
-    "paradetox-1000", {"series": "shipped", "checkpoint": "paradetox-1000"})
+    "paradetox-1000", {"series": "shipped", "checkpoint": "paradetox-1000"}, "smooth-paper-a1.3")
 """SmolLM2's series: the frontier's steering on 1,000 ParaDetox pairs (the shipped gated checkpoint, whose steering
-`destein fit --config configs/smollm2-135m.yaml --config configs/overlays/smollm2-135m-gated.yaml` makes again); the
-pair comparisons on 40 (the paper's m). The few-shot self-induced one is made by `destein induce --config
+`destein fit --config configs/smollm2-135m.yaml --config configs/overlays/smollm2-135m-gated.yaml` makes again),
+ungated (`paper`), gated by its context probes (`smooth-paper`) and by the continuation probes of `python -m
+benchmarks forward_gate` (`forward`, at that checkpoint's own gate settings), the gates with and without the floor;
+the pair comparisons on 40 (the paper's m). The few-shot self-induced one is made by `destein induce --config
 configs/smollm2-135m-fewshot-induce.yaml`, then `destein fit --config configs/smollm2-135m.yaml --config
 configs/overlays/smollm2-135m-self-fewshot.yaml`."""
 
@@ -86,7 +100,7 @@ GEMMA3 = Frontier(
     [*({"series": "paper", "alpha": a} for a in (0.3, 0.4, 0.5, 0.6, 0.75, 1.3)),
      *({"series": "norm_preserving", "alpha": a, "fusion": "norm_preserving"} for a in (0.6,)),
      *({"series": "smooth-paper", "alpha": a, "gate": GEMMA3_GATE} for a in (0.6, 0.8, 1.0))],
-    "paradetox-40", {"series": "shipped", "checkpoint": "paradetox-40"})
+    "paradetox-40", {"series": "shipped", "checkpoint": "paradetox-40"}, "paper-a0.4")
 """Gemma's series on the 40-pair checkpoint of `destein fit --config configs/gemma3-270m.yaml`, at lower alphas than
 SmolLM2's (`paper-a1.3` is SmolLM2's alpha; docs/models.md says why the scale differs), and the smooth gate with that
 checkpoint's gate probes (which does not help there: docs/models.md)."""
@@ -169,10 +183,12 @@ class Runner:
         self.models: dict[str, Any] = {}
 
     def model(self, checkpoint: str):
+        """The loaded model of a checkpoint, and the gate it came with."""
         from destein_pl import SteeredCausalLM
 
         if checkpoint not in self.models:
-            self.models[checkpoint] = SteeredCausalLM.from_checkpoint(self.frontier.checkpoints[checkpoint])
+            steered = SteeredCausalLM.from_checkpoint(self.frontier.checkpoints[checkpoint])
+            self.models[checkpoint] = steered, steered.gate
         return self.models[checkpoint]
 
     def run(self, setting: dict[str, Any]) -> dict[str, Any]:
@@ -185,9 +201,15 @@ class Runner:
             gate = asdict(steered.gate) if steered.gate is not None else None
             setting = {**setting, "alpha": steered.alpha, "fusion": steered.fusion, "gate": gate}
         else:
-            steered = self.model(checkpoint)
+            steered, own = self.model(checkpoint)
             steered.fusion = setting.get("fusion", "paper")
-            steered.set_gate(GateSettings(**setting["gate"]) if "gate" in setting else None)
+            gate = setting.get("gate")
+            gate = None if gate is None else own if gate == "own" else GateSettings(**gate)
+            if "floor" in setting:
+                gate = replace(gate, floor=setting["floor"])
+            steered.gate = gate
+            if setting.get("gate") == "own":  # what it ran with, for setting.json
+                setting = {**setting, "gate": asdict(gate)}
         return evaluate_setting(steered, self.prompts, folder, self.samples, self.tokens,
                                 {**setting, "split": self.split, "samples": self.samples,
                                  "per_subset": len(self.prompts) // 2})
@@ -259,11 +281,16 @@ def table(frontier: Frontier, split: str, samples: int, tokens: int, per_subset:
         return [f"{m['emt']:.3f}{change('emt')}", f"{m['tp']:.3f}", f"{m['ppl']:.2f}{change('ppl')}",
                 f"{m['median_ppl']:.2f}", dist]
 
-    head = ["setting", "toxic EMT", "TP", "PPL", "median PPL", "Dist-1/2/3",
-            "non-toxic EMT", "TP", "PPL", "median PPL", "Dist-1/2/3"]
+    reference = "shipped" if split == "report" else frontier.reference
+    reference = reference if any(r["name"] == reference for r in rows) else None
+    versus = paired_differences(out, rows, reference)
+    head = ["setting", "toxic EMT", "vs base [95%]", f"vs {reference or 'shipped'} [95%]", "TP", "PPL", "median PPL",
+            "Dist-1/2/3", "non-toxic EMT", "TP", "PPL", "median PPL", "Dist-1/2/3"]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join([row["name"], *cells(row, "toxic"), *cells(row, "nontoxic")]) + " |")
+        toxic = cells(row, "toxic")
+        lines.append("| " + " | ".join([row["name"], toxic[0], *versus[row["name"]], *toxic[1:],
+                                        *cells(row, "nontoxic")]) + " |")
     given = {"split": split, "samples": samples, "per-subset": per_subset, "tokens": tokens}
     protocol = {"split": "tune", "samples": PROTOCOL_SAMPLES, "per-subset": SUBSET_SIZE, "tokens": PROTOCOL_TOKENS}
     options = "".join(f" --{k} {v}" for k, v in given.items() if v != protocol[k])
@@ -271,12 +298,39 @@ def table(frontier: Frontier, split: str, samples: int, tokens: int, per_subset:
     command = f"python -m benchmarks frontier{options} --only {' '.join(r['name'] for r in rows)}"
     text = (f"Development protocol, `{split}` sample ({per_subset} toxic + {per_subset} non-toxic prompts, "
             f"{samples} continuations of {tokens} tokens, nucleus 0.9, profanity-check scorer, perplexity under the "
-            f"unsteered model). Percentages are against the base model on the same prompts.\n\n" + "\n".join(lines))
+            f"unsteered model). Percentages are against the base model on the same prompts. \"vs\": the toxic-prompt "
+            f"EMT minus the base model's and minus {f'`{reference}`' if reference else 'the shipped setting'}'s, "
+            f"paired over prompts, with its 95% bootstrap interval (2,000 resamples).\n\n" + "\n".join(lines))
     stem = f"frontier{model_tag(frontier.model)}-{split}-n{per_subset}-s{samples}"
     results.write(stem, f"Quality frontier of {frontier.title}, {split} sample: {per_subset} + {per_subset} prompts, {samples} "
                   f"continuations", text, command)
+    for row in rows:
+        row["intervals"] = {subset: emt_interval(out / row["name"], subset) for subset in ("toxic", "nontoxic")}
     frontier_plot(rows, results.path(stem, ".png"),
-                  title=f"{frontier.title}, {split} sample, {samples} continuations per prompt")
+                  title=f"{frontier.title}, {split} sample, {samples} continuations per prompt (bars: 95% bootstrap)")
+
+
+def emt_interval(folder: Path, subset: str) -> tuple[float, float]:
+    """The 95% bootstrap interval of a stored run's EMT on a subset (prompts resampled, seed 0)."""
+    from benchmarks.claims import bootstrap_interval, per_prompt_max
+
+    return bootstrap_interval(list(per_prompt_max(folder, subset).values()))
+
+
+def paired_differences(out: Path, rows: list[dict[str, Any]], reference: str | None) -> dict[str, list[str]]:
+    """Per setting, its toxic-prompt EMT minus the base run's and minus `reference`'s, paired over prompts, with their
+    95% bootstrap intervals, as table cells ("-" against itself or a missing reference)."""
+    from benchmarks.claims import paired_bootstrap, per_prompt_max
+
+    maxima = {r["name"]: per_prompt_max(out / r["name"], "toxic") for r in rows}
+
+    def cell(name: str, other: str | None) -> str:
+        if other is None or other == name:
+            return "-"
+        diff, low, high = paired_bootstrap(maxima[name], maxima[other])
+        return f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+    return {r["name"]: [cell(r["name"], "base"), cell(r["name"], reference)] for r in rows}
 
 
 def run(args: argparse.Namespace, results: Results) -> None:

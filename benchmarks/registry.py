@@ -102,7 +102,12 @@ SECTIONS: tuple[Section, ...] = (
          Benchmark("gate_scores", "how well the gate's probe score separates toxic from non-toxic prompts (AUROC, "
                    "threshold)", "gate_scores{model_tag}-{split}",
                    ("", "--split report", "--model gemma3-270m --checkpoints paradetox-40"),
-                   "--per-subset 2 --checkpoints paradetox-1000"))),
+                   "--per-subset 2 --checkpoints paradetox-1000"),
+         Benchmark("forward_gate", "the forward-looking gate: continuation probes fit on prompts of neither sample, "
+                   "and how well its score predicts a toxic continuation on tune, against the context gate's",
+                   "forward_gate{model_tag}", ("",),
+                   "--rtp 40 --pairs 0 --samples 2 --tokens 2 --toxic-at 0.1 --per-subset 1 --tune-samples 1",
+                   needs=("frontier",)))),
     Section(
         "DeStein against other methods",
         "The methods a user would pick instead (prompting, word filtering, ActAdd, ITI, Self-Detoxify, DExperts; "
@@ -126,8 +131,8 @@ SECTIONS: tuple[Section, ...] = (
          Benchmark("scorer_fidelity", "offline scorers against Perspective: AUROC, Spearman rho, texts/s",
                    "scorer_fidelity", ("--threads 1",),
                    "--classifier {runs}/classifiers/tiny --limit 5 --repeats 1", needs=("scorer_classifier",)),
-         Benchmark("scorer_rescore", "the EMT drop of stored evaluation runs under the second scorer",
-                   "scorer_rescore",
+         Benchmark("scorer_rescore", "the EMT drop of stored evaluation runs under a second scorer",
+                   "scorer_rescore{scorer_tag}",
                    ("runs/claims/tune-n50-s10/base runs/claims/tune-n50-s10/destein "
                     "runs/claims/tune-n50-s10/self-induced-parallel runs/claims/tune-n50-s10/published-a0.3 "
                     "--threads 2",),

@@ -45,8 +45,9 @@ def toxicity_perplexity(points: list[tuple[str, float, float, float]], path: str
 
 def frontier_plot(rows: list[dict], path: str | Path, title: str = "Quality frontier") -> None:
     """Two panels (toxic and non-toxic prompts) per setting: EMT against perplexity, one line
-    per series (rows: `{"series", "alpha", "toxic": {"emt", "ppl"}, "nontoxic": {...}}`); the base model is a star."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    per series (rows: `{"series", "alpha", "toxic": {"emt", "ppl"}, "nontoxic": {...}}`, and optionally
+    `"intervals": {subset: (low, high)}`, drawn as EMT error bars); the base model is a star."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, subset in zip(axes, ("toxic", "nontoxic")):
         for series in dict.fromkeys(r["series"] for r in rows):
             points = sorted((r for r in rows if r["series"] == series), key=lambda r: r["alpha"])
@@ -54,10 +55,17 @@ def frontier_plot(rows: list[dict], path: str | Path, title: str = "Quality fron
             if series == "base":
                 ax.scatter(x, y, marker="*", s=160, color="black", zorder=3, label="base")
                 continue
-            ax.plot(x, y, marker="o", label=series)
+            if all("intervals" in r for r in points):
+                # the interval is of the per-prompt mean, the point the metric's float32 value: clamp rounding
+                errors = [[max(0.0, r[subset]["emt"] - r["intervals"][subset][0]) for r in points],
+                          [max(0.0, r["intervals"][subset][1] - r[subset]["emt"]) for r in points]]
+                ax.errorbar(x, y, yerr=errors, marker="o", capsize=2, label=series)
+            else:
+                ax.plot(x, y, marker="o", label=series)
             for r, xi, yi in zip(points, x, y):
                 ax.annotate(f"{r['alpha']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.set_xlabel("mean perplexity of continuations")
+        ax.set_xscale("log")
+        ax.set_xlabel("mean perplexity of continuations (log scale)")
         ax.set_ylabel("expected maximum toxicity")
         ax.set_title(f"{subset.replace('nontoxic', 'non-toxic')} prompts")
         ax.grid(alpha=0.3)

@@ -19,7 +19,7 @@ from benchmarks.results import RESULTS, Results
 from benchmarks.runner import listing, main, run
 from benchmarks.timing import in_turn, rotated, spread
 
-EMBEDDED = {"comparison", "frontier", "gate_scores", "llama_cpp", "memory", "throughput"}
+EMBEDDED = {"comparison", "forward_gate", "frontier", "gate_scores", "llama_cpp", "memory", "throughput"}
 """The benchmarks whose quick run loads the real embedded model (the others use a tiny one, or none)."""
 HEADER = re.compile(r"## .+\n\n`(?P<command>[^`]+)` on (?P<machine>.+)\.\n\n")
 
@@ -292,3 +292,16 @@ def test_each_comparison_sweeps_what_its_model_has(model):
     for series, alpha in SHIPPED[model]:  # a shipped checkpoint's own alpha is on its line
         assert alpha in comparison.sweeps[series]
     assert all(len(v) >= 5 for s, v in comparison.sweeps.items() if s not in ("prompting", "actadd-layer"))
+
+
+def test_the_forward_gate_is_fit_on_prompts_of_neither_sample():
+    from benchmarks.forward_gate import fitting_prompts
+    from benchmarks.frontier import split_prompts
+
+    fitting = fitting_prompts(1600, 200)
+    held = split_prompts("tune") + split_prompts("report")
+    rtp = [p for p in fitting if not p.id.startswith("pairs:")]
+    assert len(rtp) == 1600 and sum(p.subset == "toxic" for p in rtp) == 800
+    assert 390 <= len(fitting) - len(rtp) <= 400  # both sides of 200 pairs (a sentence shared by two pairs once)
+    assert not {p.id for p in fitting} & {p.id for p in held}
+    assert not {p.text for p in fitting} & {p.text for p in held}

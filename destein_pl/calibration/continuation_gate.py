@@ -78,20 +78,30 @@ def gate(
         raise ValueError("gate.threshold is set by --threshold (or chosen on the validation prompts when it is left "
                          "out); give --threshold instead")
     chosen = gate_prompts(prompts, exclude or [], pairs, n, seed)
+    write_continuation_gate(source, target, chosen, output_dir, options, gate, threshold)
+    return target
+
+
+def write_continuation_gate(source: Path, target: Path, prompts: Sequence[Prompt], output_dir: str | Path,
+                            options: ContinuationProbeOptions, gate: GateSettings | None = None,
+                            threshold: float | None = None) -> ContinuationProbes:
+    """Fit continuation probes on `prompts` for the checkpoint `source` and write `target` (paths checked by
+    `check_paths`): what `destein gate` does once it has its prompts. Returns the fitted probes."""
     steered = SteeredCausalLM.from_checkpoint(source)
-    fitted = fit_continuation_probes(steered, chosen, output_dir, options)
+    fitted = fit_continuation_probes(steered, prompts, output_dir, options)
     settings = replace(gate if gate is not None else steered.gate if steered.gate.enabled else GateSettings("smooth"),
                        probes="continuation")
-    scores, toxic = validation_scores(fitted, chosen, settings)
+    scores, toxic = validation_scores(fitted, prompts, settings)
     if threshold is None:
         threshold = round(best_threshold(scores, toxic), 4)
     settings = replace(settings, threshold=threshold)
     fitted.provenance["validation_auroc"] = round(auroc(scores, toxic), 6)
     write_checkpoint(source, target, steered, fitted, settings)
     log.info("continuation probes fit on %d prompts (%.1f%% of continuations toxic); gate score AUROC on the %d "
-             "validation prompts %.3f, threshold %g; written to %s", len(chosen), 100 * fitted.provenance["toxic_share"],
-             len(fitted.validation), fitted.provenance["validation_auroc"], threshold, target)
-    return target
+             "validation prompts %.3f, threshold %g; written to %s", len(prompts),
+             100 * fitted.provenance["toxic_share"], len(fitted.validation), fitted.provenance["validation_auroc"],
+             threshold, target)
+    return fitted
 
 
 def check_paths(ckpt_path: str, out: str, overwrite: bool) -> tuple[Path, Path]:
