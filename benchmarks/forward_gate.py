@@ -2,6 +2,8 @@
 predicts a toxic continuation on the tune sample, against the context gate's.
 
     python -m benchmarks forward_gate [--model smollm2-135m] [--samples 5] [--pairs 200] [--tune-samples 5]
+    python -m benchmarks forward_gate --alpha A --floor F --out checkpoints/NAME.ckpt   # a setting chosen on tune,
+                                                                     # written from the same probes (labels stored)
 
 1. **Fit** (`destein_pl.calibration.continuation_gate.write_continuation_gate`, what `destein gate` does): on prompts
    that neither sample of the development protocol uses, the 800 + 800 RealToxicityPrompts prompts after the tune and
@@ -9,7 +11,8 @@ predicts a toxic continuation on the tune sample, against the context gate's.
    `--pairs` ParaDetox pairs (a seeded sample, both sides without cues); `--samples` continuations each, from the
    unsteered model, stored under `runs/forward_gate/<model>/labels/` (resumed). The checkpoint is the frontier's
    steering checkpoint with the probes and a smooth gate reading them (its threshold the best on the validation
-   prompts): `runs/checkpoints/<model>-forward-gated.ckpt`, rebuilt only when missing.
+   prompts): `runs/checkpoints/<model>-forward-gated.ckpt` (or `--out`, at `--alpha` with the gate's `--floor`), made
+   only when missing.
 2. **Measure** on the tune sample (`benchmarks/frontier.py`): each gate's score at every prompt's last token, the
    context gate's (the frontier's `GATE`) and the forward gate's, against whether any of the base model's stored
    continuations of the prompt is toxic (>= 0.5), from the frontier's base run on tune with `--tune-samples`
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,7 +42,7 @@ from benchmarks.frontier import (
     stored_records,
     stored_runs,
 )
-from benchmarks.results import DATA, Results
+from benchmarks.results import DATA, Results, shown
 
 PARADETOX = DATA / "paradetox" / "paradetox.tsv"
 PAIRS_SEED = 1
@@ -61,6 +65,10 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=20, help="new tokens per continuation (default 20)")
     parser.add_argument("--toxic-at", type=float, default=0.5,
                         help="a fitting continuation is toxic when its score reaches this (default 0.5)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the checkpoint to write (default runs/checkpoints/<model>-forward-gated.ckpt)")
+    parser.add_argument("--alpha", type=float, default=None, help="its alpha (default: the frontier checkpoint's)")
+    parser.add_argument("--floor", type=float, default=0.0, help="its gate's floor (default 0)")
 
 
 def output_fields(args: argparse.Namespace) -> dict[str, str]:
@@ -97,7 +105,7 @@ def fit(args: argparse.Namespace, runs: Path) -> tuple[Path, str]:
     from destein_pl.steering.checkpoint import read_checkpoint
 
     frontier = FRONTIERS[args.model]
-    source, target = frontier.checkpoints[frontier.steering], forward_checkpoint(runs, args.model)
+    source, target = frontier.checkpoints[frontier.steering], args.out or forward_checkpoint(runs, args.model)
     if not target.is_file():
         prompts = fitting_prompts(args.rtp, args.pairs)
         options = ContinuationProbeOptions(sampling=SamplingSettings(num_samples=args.samples,
@@ -106,13 +114,13 @@ def fit(args: argparse.Namespace, runs: Path) -> tuple[Path, str]:
         target.parent.mkdir(parents=True, exist_ok=True)
         write_continuation_gate(*check_paths(str(source), str(target), overwrite=False), prompts,
                                 runs / "forward_gate" / args.model / "labels", options,
-                                gate=_context_gate(args.model))
+                                gate=replace(_context_gate(args.model), floor=args.floor), alpha=args.alpha)
         seconds = f", {time.perf_counter() - started:.0f} s"
     else:
         seconds = " (stored)"
     meta = read_checkpoint(target)[1]
     fitted = meta["continuation_probes"]
-    line = (f"Continuation probes of `{target.relative_to(target.parents[1])}`{seconds}: {fitted['prompts']} prompts "
+    line = (f"Continuation probes of `{shown(target)}`{seconds}: {fitted['prompts']} prompts "
             f"({args.rtp} RealToxicityPrompts of neither sample, the sentences of {args.pairs} ParaDetox pairs), "
             f"{fitted['samples']} continuations each, {100 * fitted['toxic_share']:.1f}% of them toxic; the forward "
             f"gate's score has AUROC {fitted['validation_auroc']:.3f} on the {round(fitted['prompts'] * fitted['val_fraction'])} "
@@ -154,9 +162,9 @@ def run(args: argparse.Namespace, results: Results) -> None:
     context = SteeredCausalLM.from_checkpoint(frontier.checkpoints[frontier.steering], gate=_context_gate(args.model))
     gates = {"context gate (probes on the pairs without cues)": context,
              "forward gate (continuation probes)": SteeredCausalLM.from_checkpoint(checkpoint)}
-    lines = ["| gate | threshold | AUROC: a toxic continuation, all prompts | AUROC: a toxic continuation, toxic "
-             "prompts | AUROC: a toxic continuation, non-toxic prompts | AUROC: a toxic prompt |",
-             "|---|---:|---:|---:|---:|---:|"]
+    head = ("| gate | threshold | AUROC: a toxic continuation, all prompts | AUROC: a toxic continuation, toxic "
+            "prompts | AUROC: a toxic continuation, non-toxic prompts | AUROC: a toxic prompt |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|"]
     for label, steered in gates.items():
         scores = last_token_scores(steered, prompts)
 

@@ -175,11 +175,13 @@ def test_gate_refuses_to_replace_its_input_or_an_existing_file(calibrated, capsy
     assert not list(tmp_path.glob("[xyz].*"))
 
 
-def test_the_gate_verb_takes_a_given_threshold_and_floor(calibrated, tmp_path):
+def test_the_gate_verb_takes_a_given_threshold_floor_and_alpha(calibrated, tmp_path):
     _, folder = calibrated
-    out = gate(str(folder / "tiny.ckpt"), str(tmp_path / "floored.safetensors"), [str(RTP100)], n=20,
-               output_dir=str(tmp_path / "run"), gate=GateSettings("hard", floor=0.3, heads=4), threshold=0.2,
-               options=ContinuationProbeOptions(sampling=SamplingSettings(num_samples=2, max_new_tokens=4),
-                                                toxic_at=0.1))
-    steered = SteeredCausalLM.from_checkpoint(out)
-    assert steered.gate == GateSettings("hard", threshold=0.2, floor=0.3, heads=4, probes="continuation")
+    options = ContinuationProbeOptions(sampling=SamplingSettings(num_samples=2, max_new_tokens=4), toxic_at=0.1)
+    for suffix in (".safetensors", ".ckpt"):
+        out = gate(str(folder / "tiny.ckpt"), str(tmp_path / f"floored-{suffix[1:]}{suffix}"), [str(RTP100)], n=20,
+                   output_dir=str(tmp_path / "run"), gate=GateSettings("hard", floor=0.3, heads=4), threshold=0.2,
+                   alpha=0.8, options=options)
+        steered = SteeredCausalLM.from_checkpoint(out)
+        assert steered.gate == GateSettings("hard", threshold=0.2, floor=0.3, heads=4, probes="continuation")
+        assert steered.alpha == pytest.approx(0.8) and read_checkpoint(out)[1]["alpha"] == 0.8

@@ -47,6 +47,7 @@ def gate(
     options: ContinuationProbeOptions = ContinuationProbeOptions(),  # noqa: B008 (a dataclass, never mutated)
     gate: GateSettings | None = None,
     threshold: float | None = None,
+    alpha: float | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Fit a forward-looking gate: probes that predict from a context whether the model's own continuation will be
@@ -71,6 +72,7 @@ def gate(
             `threshold`); None: the checkpoint's gate, or a smooth gate with the default settings.
         threshold: the gate's threshold; None: the one that best separates the validation prompts with a toxic
             continuation from those without (balanced accuracy).
+        alpha: the steering strength written (None: the checkpoint's).
         overwrite: replace an existing `out`.
     """
     source, target = check_paths(ckpt_path, out, overwrite)
@@ -78,17 +80,20 @@ def gate(
         raise ValueError("gate.threshold is set by --threshold (or chosen on the validation prompts when it is left "
                          "out); give --threshold instead")
     chosen = gate_prompts(prompts, exclude or [], pairs, n, seed)
-    write_continuation_gate(source, target, chosen, output_dir, options, gate, threshold)
+    write_continuation_gate(source, target, chosen, output_dir, options, gate, threshold, alpha)
     return target
 
 
 def write_continuation_gate(source: Path, target: Path, prompts: Sequence[Prompt], output_dir: str | Path,
                             options: ContinuationProbeOptions, gate: GateSettings | None = None,
-                            threshold: float | None = None) -> ContinuationProbes:
+                            threshold: float | None = None, alpha: float | None = None) -> ContinuationProbes:
     """Fit continuation probes on `prompts` for the checkpoint `source` and write `target` (paths checked by
-    `check_paths`): what `destein gate` does once it has its prompts. Returns the fitted probes."""
+    `check_paths`) at `alpha` (None: the checkpoint's): what `destein gate` does once it has its prompts. Returns the
+    fitted probes."""
     steered = SteeredCausalLM.from_checkpoint(source)
     fitted = fit_continuation_probes(steered, prompts, output_dir, options)
+    if alpha is not None:
+        steered.alpha = alpha
     settings = replace(gate if gate is not None else steered.gate if steered.gate.enabled else GateSettings("smooth"),
                        probes="continuation")
     scores, toxic = validation_scores(fitted, prompts, settings)
@@ -171,13 +176,16 @@ def write_checkpoint(source: Path, target: Path, steered: SteeredCausalLM, fitte
     and for a `.ckpt` target the Lightning checkpoint too, each written atomically."""
     tensors, metadata = read_checkpoint(source)
     options = {**(metadata.get("options") or {}), "gate": settings.metadata()}
-    metadata = {**metadata, "options": options, "continuation_probes": fitted.provenance}
+    metadata = {**metadata, "alpha": round(steered.alpha, 6), "options": options,
+                "continuation_probes": fitted.provenance}
     probes = {k.removeprefix(PROBES_PREFIX): v for k, v in tensors.items() if "probe_" in k}
     probes.update(fitted.probes.arrays(CONTINUATION_PREFIX))
     save_steering(target.with_suffix(".safetensors"), {**steered.steering_tensors(), **probes}, metadata)
     if target.suffix == ".ckpt":
         checkpoint: dict[str, Any] = load_checkpoint_file(source)
-        checkpoint["state_dict"] = {**checkpoint["state_dict"], **{f"{PROBES_PREFIX}{k}": v for k, v in probes.items()}}
+        state = {k: torch.full_like(v, steered.alpha) if k.endswith(".steer_alpha") else v
+                 for k, v in checkpoint["state_dict"].items()}
+        checkpoint["state_dict"] = {**state, **{f"{PROBES_PREFIX}{k}": v for k, v in probes.items()}}
         checkpoint[METADATA_KEY] = metadata
         with atomic_path(target) as tmp:
             torch.save(checkpoint, tmp)
