@@ -165,17 +165,16 @@ def run(args: argparse.Namespace, results: Results) -> None:
     head = ("| gate | threshold | AUROC: a toxic continuation, all prompts | AUROC: a toxic continuation, toxic "
             "prompts | AUROC: a toxic continuation, non-toxic prompts | AUROC: a toxic prompt |")
     lines = [head, "|---|---:|---:|---:|---:|---:|"]
+    def auroc(scores: list[float], rows: list[int]) -> str:
+        y = [continuation[i] for i in rows]
+        return f"{roc_auc_score(y, [scores[i] for i in rows]):.3f}" if 0 < sum(y) < len(y) else "n/a"
+
+    every = list(range(len(prompts)))
     for label, steered in gates.items():
         scores = last_token_scores(steered, prompts)
-
-        def auroc(rows: list[int]) -> str:
-            y = [continuation[i] for i in rows]
-            return f"{roc_auc_score(y, [scores[i] for i in rows]):.3f}" if 0 < sum(y) < len(y) else "n/a"
-
-        every = list(range(len(prompts)))
-        lines.append(f"| {label} | {steered.gate.threshold:g} | {auroc(every)} | "
-                     f"{auroc([i for i in every if toxic_prompt[i]])} | "
-                     f"{auroc([i for i in every if not toxic_prompt[i]])} | "
+        lines.append(f"| {label} | {steered.gate.threshold:g} | {auroc(scores, every)} | "
+                     f"{auroc(scores, [i for i in every if toxic_prompt[i]])} | "
+                     f"{auroc(scores, [i for i in every if not toxic_prompt[i]])} | "
                      f"{roc_auc_score(toxic_prompt, scores):.3f} |")
     share = sum(continuation) / len(continuation)
     results.write(f"forward_gate{model_tag(args.model)}", f"The forward-looking gate of {frontier.title}", (

@@ -114,7 +114,8 @@ SECTIONS: tuple[Section, ...] = (
         "`destein_pl/baselines/`), each swept on the tune sample of the development protocol, then compared with "
         "DeStein at matched toxic-prompt perplexity (+10% and +20% over base) on the report sample.",
         (Benchmark("dexperts_train", "DExperts' expert and anti-expert: LoRA fine-tunes on ParaDetox's two sides",
-                   "dexperts_train-{model_name}", ("",), "--model {tiny} --sentences 8 --batch-size 4",
+                   "dexperts_train-{model_name}", ("", "--model gemma3-270m"),
+                   "--model {tiny} --sentences 8 --batch-size 4",
                    requires=("peft",)),
          Benchmark("comparison", "every method's sweep on tune, then the matched points against DeStein on report",
                    "comparison-{model}-{split}-n{per_subset}-s{samples}",
