@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
+from benchmarks.frontier import GATED_ALPHAS
+
 
 @dataclass(frozen=True)
 class Benchmark:
@@ -91,6 +93,10 @@ SECTIONS: tuple[Section, ...] = (
         (Benchmark("frontier", "the quality frontier of fusion variants, gate and pairs on the development protocol",
                    "frontier{model_tag}-{split}-n{per_subset}-s{samples}",
                    ("--samples 10 --only base paper-a0.9 paper-a1.3 smooth-paper-a1.3 smooth-paper-a1.8",
+                    "--samples 5 --only base " + " ".join(
+                        f"{series}-a{alpha:g}" for series, alphas in (
+                            ("paper", (0.5, 0.7, 0.9, 1.1, 1.3)), ("smooth-paper", GATED_ALPHAS),
+                            ("smooth-floor", GATED_ALPHAS), ("forward", GATED_ALPHAS), ("forward-floor", GATED_ALPHAS)) for alpha in alphas),
                     "--split report --samples 10 --only base paper-a1.3 shipped",
                     "--samples 10 --per-subset 25 --only base hard-paper-a1.8 norm_preserving-a1.3 norm_preserving-a2 "
                     "pairs-paradetox-40-a1.3 pairs-self-induced-fewshot-a1.3 pairs-self-induced-lexical-a1.3 "
