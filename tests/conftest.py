@@ -196,6 +196,25 @@ def calibrated(tiny_llama_dir, tmp_path_factory):
     return module, tmp
 
 
+GATE_OPTIONS = ["--options.sampling.num_samples", "3", "--options.sampling.max_new_tokens", "6",
+                "--options.toxic_at", "0.1", "--n", "40"]
+"""Few short continuations of 40 prompts; a low `toxic_at`, so that the tiny random model's gibberish gives both
+labels under the real scorer."""
+
+
+@pytest.fixture(scope="session")
+def continuation_gated(calibrated, tmp_path_factory):
+    """`destein gate` on the calibrated tiny model: (its folder, the output checkpoint, the labelling run's folder).
+    Read-only for every test."""
+    from destein_pl.lightning.cli import main
+
+    _, folder = calibrated
+    tmp = tmp_path_factory.mktemp("gate")
+    main(["gate", "--ckpt_path", str(folder / "tiny.ckpt"), "--out", str(tmp / "gated.ckpt"), str(RTP100),
+          "--output_dir", str(tmp / "run"), *GATE_OPTIONS])
+    return folder, tmp / "gated.ckpt", tmp / "run"
+
+
 # ---- evaluation runs: `destein test` as a Lightning test, and plain-Python `evaluate` --------------------------
 
 def small_sampling(**changes):

@@ -305,3 +305,26 @@ def test_the_forward_gate_is_fit_on_prompts_of_neither_sample():
     assert 390 <= len(fitting) - len(rtp) <= 400  # both sides of 200 pairs (a sentence shared by two pairs once)
     assert not {p.id for p in fitting} & {p.id for p in held}
     assert not {p.text for p in fitting} & {p.text for p in held}
+
+
+def test_the_frontier_runs_a_checkpoints_own_gate_with_a_floor(continuation_gated, tmp_path):
+    import json
+
+    from benchmarks.frontier import Frontier, Runner, stored_settings
+    from destein_pl import GateSettings, SteeredCausalLM
+
+    folder, gated, _ = continuation_gated
+    own = SteeredCausalLM.from_checkpoint(gated).gate
+    frontier = Frontier("tiny", "tiny", {"context": folder / "tiny.ckpt", "forward": gated}, [], "context",
+                        {"series": "shipped"}, "base")
+    runner = Runner(frontier, "tune", samples=1, tokens=2, per_subset=1, out=tmp_path)
+    settings = [{"series": "base", "alpha": 0.0}, {"series": "forward", "alpha": 0.9, "checkpoint": "forward",
+                                                    "gate": "own", "floor": 0.2},
+                {"series": "smooth-floor", "alpha": 0.9, "gate": {"mode": "smooth", "threshold": 0.3}, "floor": 0.2}]
+    for setting in settings:
+        runner.run(setting)
+    forward = json.loads((tmp_path / "forward-a0.9" / "results.json").read_text())["runs"][0]["steering"]["gate"]
+    assert GateSettings.from_metadata(forward) == GateSettings(**{**vars(own), "floor": 0.2})
+    context = json.loads((tmp_path / "smooth-floor-a0.9" / "results.json").read_text())["runs"][0]["steering"]["gate"]
+    assert GateSettings.from_metadata(context) == GateSettings("smooth", threshold=0.3, floor=0.2)
+    assert set(stored_settings(tmp_path)) == {"base", "forward-a0.9", "smooth-floor-a0.9"}

@@ -78,26 +78,8 @@ def test_best_threshold_maximises_balanced_accuracy():
         best_threshold([0.1, 0.2], [True, True])
 
 
-GATE_OPTIONS = ["--options.sampling.num_samples", "3", "--options.sampling.max_new_tokens", "6",
-                "--options.toxic_at", "0.1", "--n", "40"]
-"""Few short continuations of 40 prompts; a low `toxic_at`, so that the tiny random model's gibberish gives both
-labels under the real scorer."""
-
-
-@pytest.fixture(scope="module")
-def gated(calibrated, tmp_path_factory):
-    """`destein gate` on the calibrated tiny model: (folder, output checkpoint, the run's folder)."""
-    from destein_pl.lightning.cli import main
-
-    _, folder = calibrated
-    tmp = tmp_path_factory.mktemp("gate")
-    main(["gate", "--ckpt_path", str(folder / "tiny.ckpt"), "--out", str(tmp / "gated.ckpt"), str(RTP100),
-          "--output_dir", str(tmp / "run"), *GATE_OPTIONS])
-    return folder, tmp / "gated.ckpt", tmp / "run"
-
-
-def test_gate_writes_a_checkpoint_whose_gate_reads_the_continuation_probes(gated):
-    folder, out, run = gated
+def test_gate_writes_a_checkpoint_whose_gate_reads_the_continuation_probes(continuation_gated):
+    folder, out, run = continuation_gated
     source_tensors, source_meta = read_checkpoint(folder / "tiny.ckpt")
     for path in (out, out.with_suffix(".safetensors")):
         steered = SteeredCausalLM.from_checkpoint(path)
@@ -129,8 +111,8 @@ def test_gate_writes_a_checkpoint_whose_gate_reads_the_continuation_probes(gated
     torch.testing.assert_close(score[0, -1], expected, rtol=0, atol=1e-6)
 
 
-def test_a_rerun_reuses_the_continuations_and_fits_the_same_probes(gated, tmp_path):
-    folder, out, run = gated
+def test_a_rerun_reuses_the_continuations_and_fits_the_same_probes(continuation_gated, tmp_path):
+    folder, out, run = continuation_gated
     stored = (run / "alpha_0" / "generations.jsonl").read_bytes()
     again = gate(str(folder / "tiny.ckpt"), str(tmp_path / "again.safetensors"), [str(RTP100)], n=40,
                  output_dir=str(run), options=ContinuationProbeOptions(
