@@ -42,7 +42,7 @@ def test_soft_probes_are_the_fit_on_each_continuation_counted_as_an_example():
     for head in range(2):
         x, y = [], []
         for i in train:
-            toxic = int(round(float(labels[i]) * 4))
+            toxic = round(float(labels[i]) * 4)
             x += [features[i, 0, head].double().numpy()] * 4
             y += [1] * toxic + [0] * (4 - toxic)
         reference = LogisticRegression(C=0.25, max_iter=1000, tol=1e-10).fit(np.array(x), np.array(y))
