@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import random
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -99,6 +98,7 @@ def forward_checkpoint(runs: Path, model: str) -> Path:
 
 def fit(args: argparse.Namespace, runs: Path) -> tuple[Path, str]:
     """The forward-gated checkpoint (made when missing) and a line on what its probes were fit on."""
+    from destein_pl import GateSettings
     from destein_pl.calibration.continuation_gate import check_paths, write_continuation_gate
     from destein_pl.calibration.continuation_probes import ContinuationProbeOptions
     from destein_pl.evaluation.sampling import SamplingSettings
@@ -114,17 +114,20 @@ def fit(args: argparse.Namespace, runs: Path) -> tuple[Path, str]:
         target.parent.mkdir(parents=True, exist_ok=True)
         write_continuation_gate(*check_paths(str(source), str(target), overwrite=False), prompts,
                                 runs / "forward_gate" / args.model / "labels", options,
-                                gate=replace(_context_gate(args.model), floor=args.floor), alpha=args.alpha)
+                                gate=GateSettings("smooth", floor=args.floor), alpha=args.alpha)
         seconds = f", {time.perf_counter() - started:.0f} s"
     else:
         seconds = " (stored)"
     meta = read_checkpoint(target)[1]
-    fitted = meta["continuation_probes"]
+    fitted, gate = meta["continuation_probes"], meta["options"]["gate"]
     line = (f"Continuation probes of `{shown(target)}`{seconds}: {fitted['prompts']} prompts "
             f"({args.rtp} RealToxicityPrompts of neither sample, the sentences of {args.pairs} ParaDetox pairs), "
-            f"{fitted['samples']} continuations each, {100 * fitted['toxic_share']:.1f}% of them toxic; the forward "
-            f"gate's score has AUROC {fitted['validation_auroc']:.3f} on the {round(fitted['prompts'] * fitted['val_fraction'])} "
-            f"validation prompts, whose best threshold, {meta['options']['gate']['threshold']:g}, it uses.")
+            f"{fitted['samples']} continuations each, {100 * fitted['toxic_share']:.1f}% of them toxic; each prompt's "
+            f"label is its continuations' {fitted['target']} (`target: {fitted['target']}`). On the "
+            f"{round(fitted['prompts'] * fitted['val_fraction'])} validation prompts the forward gate's score has "
+            f"AUROC {fitted['validation_auroc']:.3f} for a toxic continuation; the gate takes their best threshold, "
+            f"{gate['threshold']:g}, and a third of their scores' standard deviation as its temperature, "
+            f"{gate['temperature']:g}.")
     return target, line
 
 

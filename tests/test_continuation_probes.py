@@ -163,7 +163,8 @@ def test_the_gate_verb_takes_a_given_threshold_floor_and_alpha(calibrated, tmp_p
     for suffix in (".safetensors", ".ckpt"):
         out = gate(str(folder / "tiny.ckpt"), str(tmp_path / f"floored-{suffix[1:]}{suffix}"), [str(RTP100)], n=20,
                    output_dir=str(tmp_path / "run"), gate=GateSettings("hard", floor=0.3, heads=4), threshold=0.2,
-                   alpha=0.8, options=options)
+                   temperature=0.07, alpha=0.8, options=options)
         steered = SteeredCausalLM.from_checkpoint(out)
-        assert steered.gate == GateSettings("hard", threshold=0.2, floor=0.3, heads=4, probes="continuation")
+        assert steered.gate == GateSettings("hard", threshold=0.2, temperature=0.07, floor=0.3, heads=4,
+                                            probes="continuation")
         assert steered.alpha == pytest.approx(0.8) and read_checkpoint(out)[1]["alpha"] == 0.8

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import statistics
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +35,9 @@ from destein_pl.steering.probes import CONTINUATION_PREFIX
 
 log = logging.getLogger(__name__)
 
+TEMPERATURE_SPREAD = 3.0
+"""The smooth gate's temperature, unless given, is the validation scores' standard deviation divided by this."""
+
 
 def gate(
     ckpt_path: str,
@@ -47,6 +51,7 @@ def gate(
     options: ContinuationProbeOptions = ContinuationProbeOptions(),  # noqa: B008 (a dataclass, never mutated)
     gate: GateSettings | None = None,
     threshold: float | None = None,
+    temperature: float | None = None,
     alpha: float | None = None,
     overwrite: bool = False,
 ) -> Path:
@@ -68,44 +73,50 @@ def gate(
         seed: seed of that sample.
         output_dir: where the labelling continuations are written as they are made (a rerun resumes).
         options: how continuations are drawn and scored and the probes fit (`ContinuationProbeOptions`).
-        gate: the gate written into the checkpoint (its `probes` is set to `continuation` and its `threshold` by
-            `threshold`); None: the checkpoint's gate, or a smooth gate with the default settings.
+        gate: the gate written into the checkpoint (its `probes` is set to `continuation`, its `threshold` and
+            `temperature` by the options below); None: a smooth gate with the default settings.
         threshold: the gate's threshold; None: the one that best separates the validation prompts with a toxic
             continuation from those without (balanced accuracy).
+        temperature: the smooth gate's temperature; None: a third of the standard deviation of the validation
+            prompts' scores. Continuation probes' scores spread far less than the context probes' (whose default
+            0.05 is about a third of their spread on the development protocol's tune prompts).
         alpha: the steering strength written (None: the checkpoint's).
         overwrite: replace an existing `out`.
     """
     source, target = check_paths(ckpt_path, out, overwrite)
-    if gate is not None and gate.threshold != GateSettings().threshold and threshold is None:
-        raise ValueError("gate.threshold is set by --threshold (or chosen on the validation prompts when it is left "
-                         "out); give --threshold instead")
+    for name in ("threshold", "temperature"):
+        if gate is not None and getattr(gate, name) != getattr(GateSettings(), name):
+            raise ValueError(f"gate.{name} is set by --{name} (or from the validation prompts when it is left out); "
+                             f"give --{name} instead")
     chosen = gate_prompts(prompts, exclude or [], pairs, n, seed)
-    write_continuation_gate(source, target, chosen, output_dir, options, gate, threshold, alpha)
+    write_continuation_gate(source, target, chosen, output_dir, options, gate, threshold, temperature, alpha)
     return target
 
 
 def write_continuation_gate(source: Path, target: Path, prompts: Sequence[Prompt], output_dir: str | Path,
                             options: ContinuationProbeOptions, gate: GateSettings | None = None,
-                            threshold: float | None = None, alpha: float | None = None) -> ContinuationProbes:
+                            threshold: float | None = None, temperature: float | None = None,
+                            alpha: float | None = None) -> ContinuationProbes:
     """Fit continuation probes on `prompts` for the checkpoint `source` and write `target` (paths checked by
-    `check_paths`) at `alpha` (None: the checkpoint's): what `destein gate` does once it has its prompts. Returns the
-    fitted probes."""
+    `check_paths`) with `gate` at `alpha` (None: the checkpoint's), its threshold and temperature given or from the
+    validation prompts: what `destein gate` does once it has its prompts. Returns the fitted probes."""
     steered = SteeredCausalLM.from_checkpoint(source)
     fitted = fit_continuation_probes(steered, prompts, output_dir, options)
     if alpha is not None:
         steered.alpha = alpha
-    settings = replace(gate if gate is not None else steered.gate if steered.gate.enabled else GateSettings("smooth"),
-                       probes="continuation")
+    settings = replace(gate or GateSettings("smooth"), probes="continuation")
     scores, toxic = validation_scores(fitted, prompts, settings)
     if threshold is None:
         threshold = round(best_threshold(scores, toxic), 4)
-    settings = replace(settings, threshold=threshold)
+    if temperature is None:
+        temperature = max(round(statistics.pstdev(scores) / TEMPERATURE_SPREAD, 4), 1e-4)
+    settings = replace(settings, threshold=threshold, temperature=temperature)
     fitted.provenance["validation_auroc"] = round(auroc(scores, toxic), 6)
     write_checkpoint(source, target, steered, fitted, settings)
     log.info("continuation probes fit on %d prompts (%.1f%% of continuations toxic); gate score AUROC on the %d "
-             "validation prompts %.3f, threshold %g; written to %s", len(prompts),
+             "validation prompts %.3f, threshold %g, temperature %g; written to %s", len(prompts),
              100 * fitted.provenance["toxic_share"], len(fitted.validation), fitted.provenance["validation_auroc"],
-             threshold, target)
+             threshold, temperature, target)
     return fitted
 
 
@@ -157,11 +168,13 @@ def gate_prompts(files: Sequence[str], exclude: Sequence[str], pairs: PairsConfi
 
 def validation_scores(fitted: ContinuationProbes, prompts: Sequence[Prompt], settings: GateSettings
                       ) -> tuple[list[float], list[bool]]:
-    """The gate's score at each validation prompt's last token, and whether any of its continuations was toxic."""
+    """The gate's score at each validation prompt's last token, and whether any of its continuations reached
+    `toxic_at`."""
     index = {p.id: i for i, p in enumerate(prompts)}
     rows = [index[i] for i in fitted.validation]
     scores = fitted.gate_scores(fitted.features[rows], settings.heads, settings.layers).tolist()
-    return scores, [fitted.labels[i] > 0 for i in fitted.validation]
+    toxic_at = fitted.provenance["toxic_at"]
+    return scores, [any(s >= toxic_at for s in fitted.scores[i]) for i in fitted.validation]
 
 
 def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float:

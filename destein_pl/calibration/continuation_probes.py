@@ -7,12 +7,15 @@ self-induced idea the paper uses for its pairs):
 
 1. **Labels.** Sample `num_samples` continuations of every prompt from the unsteered model with the evaluation's
    sampler and scorer (`Evaluator` at alpha 0 into `output_dir`: written as they go, resumed by a rerun). A prompt's
-   label is the share of its continuations whose toxicity reaches `toxic_at`.
+   label `p` is its continuations' mean toxicity (`target: mean`), or the share of them whose toxicity reaches
+   `toxic_at` (`target: share`). The mean keeps the scorer's graded scores, which matters when few continuations
+   cross `toxic_at` (5% of SmolLM2's, on the prompts of `python -m benchmarks forward_gate`).
 2. **Features.** Each head's activation at the steering site (its slice of the output projection's input) on the
    prompt as the sampler feeds it, averaged over the prompt's last `last_k` tokens, from the unsteered model: the
    feature the gate reads at the last token when its `window` equals `last_k`.
 3. **Probes.** One logistic regression per head on the soft labels: every prompt is a toxic example of weight `p` and
-   a non-toxic one of weight `1 - p`, so the probe's sigmoid estimates the chance that one continuation is toxic.
+   a non-toxic one of weight `1 - p`, so the probe's sigmoid estimates the label (a continuation's expected
+   toxicity, or the chance that it is toxic).
    The prompts are split (seeded) into training and validation; a head's `accuracy` is its validation AUROC with
    the same weights, which ranks the gate's heads.
 
@@ -28,7 +31,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -53,7 +56,10 @@ class ContinuationProbeOptions:
     Args:
         sampling: how the labelling continuations are drawn (default: the protocol's sampler, 5 per prompt).
         scorer: the toxicity scorer of the continuations, by its short name (`profanity-check`, `jigsaw-bilstm`, ...).
-        toxic_at: a continuation is toxic when its score reaches this.
+        target: each prompt's label: `mean`, its continuations' mean toxicity, or `share`, the share of them whose
+            toxicity reaches `toxic_at`.
+        toxic_at: a continuation is toxic when its score reaches this (the `share` target, and the validation
+            prompts' threshold: which prompts had a toxic continuation).
         last_k: the feature is each head's activation averaged over the prompt's last `last_k` tokens; give the
             gate the same `window`.
         val_fraction: share of prompts held out to measure each probe's AUROC.
@@ -63,6 +69,7 @@ class ContinuationProbeOptions:
 
     sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(num_samples=5))
     scorer: str = "profanity-check"
+    target: Literal["mean", "share"] = "mean"
     toxic_at: float = 0.5
     last_k: int = 8
     val_fraction: float = 0.2
@@ -70,6 +77,8 @@ class ContinuationProbeOptions:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
+        if self.target not in ("mean", "share"):
+            raise ValueError(f"target must be 'mean' or 'share', got {self.target!r}")
         if not 0 < self.toxic_at <= 1:
             raise ValueError(f"toxic_at must be in (0, 1] (a toxicity score), got {self.toxic_at}")
         if self.last_k < 1:
@@ -85,8 +94,10 @@ class ContinuationProbes:
     """Fitted continuation probes, with what they were fit on."""
 
     probes: Probes
+    scores: dict[str, list[float]]
+    """Per prompt id: its continuations' toxicity scores (those that could be scored)."""
     labels: dict[str, float]
-    """Per prompt id: the share of its continuations that are toxic."""
+    """Per prompt id: its label (`ContinuationProbeOptions.target`)."""
     validation: list[str]
     """The ids of the validation prompts."""
     provenance: dict[str, Any]
@@ -103,24 +114,29 @@ class ContinuationProbes:
         return torch.sigmoid(logits).mean(-1)
 
 
-def continuation_labels(steered: SteeredCausalLM, prompts: Sequence[Prompt], output_dir: str | os.PathLike,
-                        options: ContinuationProbeOptions, progress: bool = True) -> dict[str, float]:
-    """Per prompt id, the share of the unsteered model's continuations whose toxicity reaches `options.toxic_at`.
-    The continuations are an evaluation at alpha 0 in `output_dir` (resumed when it holds some already)."""
+def continuation_scores(steered: SteeredCausalLM, prompts: Sequence[Prompt], output_dir: str | os.PathLike,
+                        options: ContinuationProbeOptions, progress: bool = True) -> dict[str, list[float]]:
+    """Per prompt id, the toxicity of the unsteered model's continuations. They are an evaluation at alpha 0 in
+    `output_dir` (resumed when it holds some already)."""
     from destein_pl.evaluation.evaluator import Evaluator
 
     config = EvaluationConfig(output_dir=str(output_dir), alphas=[0.0], sampling=options.sampling,
                               scorer=options.scorer)
     Evaluator(steered, config, verbose=False).run(list(prompts), batch_size=options.batch_size, progress=progress)
     records = read_generations(Path(output_dir) / "alpha_0")
-    labels = {}
+    scores = {}
     for prompt in prompts:
-        scores = records[prompt.id]["toxicity"]
-        known = [s for s in scores if s is not None]
-        if not known:
+        scores[prompt.id] = [s for s in records[prompt.id]["toxicity"] if s is not None]
+        if not scores[prompt.id]:
             raise ValueError(f"prompt {prompt.id!r}: none of its continuations could be scored")
-        labels[prompt.id] = sum(s >= options.toxic_at for s in known) / len(known)
-    return labels
+    return scores
+
+
+def label(scores: Sequence[float], options: ContinuationProbeOptions) -> float:
+    """A prompt's label from its continuations' scores: their mean, or the share reaching `toxic_at`."""
+    if options.target == "mean":
+        return sum(scores) / len(scores)
+    return sum(s >= options.toxic_at for s in scores) / len(scores)
 
 
 @torch.no_grad()
@@ -197,20 +213,23 @@ def fit_continuation_probes(steered: SteeredCausalLM, prompts: Sequence[Prompt],
         raise ValueError(f"{len(prompts)} prompts are too few to fit and validate continuation probes (at least 10)")
     if getattr(steered, "method", None) is not None:
         raise ValueError("continuation probes read DeStein's own model; this one runs a baseline method")
-    labels = continuation_labels(steered, prompts, output_dir, options, progress)
+    scores = continuation_scores(steered, prompts, output_dir, options, progress)
+    labels = {p.id: label(scores[p.id], options) for p in prompts}
     features = prompt_features(steered, prompts, options, progress)
     train, val = split_pairs(len(prompts), options.val_fraction, options.seed)
     target = torch.tensor([labels[p.id] for p in prompts])
     probes = fit_soft_probes(features, target, train, val)
     provenance = {
         "prompts": len(prompts), "prompts_sha256": prompts_digest(prompts),
-        "toxic_share": round(float(target.mean()), 6),
+        "target": options.target, "mean_label": round(float(target.mean()), 6),
+        "toxic_share": round(sum(s >= options.toxic_at for v in scores.values() for s in v)
+                             / sum(map(len, scores.values())), 6),
         "samples": options.sampling.num_samples, "max_new_tokens": options.sampling.max_new_tokens,
         "top_p": options.sampling.top_p, "temperature": options.sampling.temperature, "seed": options.sampling.seed,
         "scorer": options.scorer, "toxic_at": options.toxic_at, "last_k": options.last_k,
         "val_fraction": options.val_fraction, "split_seed": options.seed,
     }
-    return ContinuationProbes(probes, labels, [prompts[i].id for i in val], provenance, features)
+    return ContinuationProbes(probes, scores, labels, [prompts[i].id for i in val], provenance, features)
 
 
 def best_threshold(scores: Sequence[float], positive: Sequence[bool]) -> float:
