@@ -2,6 +2,7 @@
 predicts a toxic continuation on the tune sample, against the context gate's.
 
     python -m benchmarks forward_gate [--model smollm2-135m] [--samples 5] [--pairs 200] [--tune-samples 5]
+    python -m benchmarks forward_gate --target share     # labels: the share of toxic continuations, not their mean
     python -m benchmarks forward_gate --alpha A --floor F --out checkpoints/NAME.ckpt   # a setting chosen on tune,
                                                                      # written from the same probes (labels stored)
 
@@ -64,6 +65,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=20, help="new tokens per continuation (default 20)")
     parser.add_argument("--toxic-at", type=float, default=0.5,
                         help="a fitting continuation is toxic when its score reaches this (default 0.5)")
+    parser.add_argument("--target", choices=["mean", "share"], default="mean",
+                        help="each fitting prompt's label: its continuations' mean toxicity (default) or the share "
+                             "reaching --toxic-at")
     parser.add_argument("--out", type=Path, default=None,
                         help="the checkpoint to write (default runs/checkpoints/<model>-forward-gated.ckpt)")
     parser.add_argument("--alpha", type=float, default=None, help="its alpha (default: the frontier checkpoint's)")
@@ -71,7 +75,11 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 
 def output_fields(args: argparse.Namespace) -> dict[str, str]:
-    return {"model_tag": model_tag(args.model)}
+    return {"model_tag": model_tag(args.model), "target_tag": target_tag(args.target)}
+
+
+def target_tag(target: str) -> str:
+    return "" if target == "mean" else f"-{target}"
 
 
 def fitting_prompts(rtp: int, pairs: int):
@@ -91,9 +99,9 @@ def fitting_prompts(rtp: int, pairs: int):
     return prompts
 
 
-def forward_checkpoint(runs: Path, model: str) -> Path:
+def forward_checkpoint(runs: Path, model: str, target: str) -> Path:
     """Where the forward-gated checkpoint of a frontier goes."""
-    return runs / "checkpoints" / f"{model}-forward-gated.ckpt"
+    return runs / "checkpoints" / f"{model}-forward-gated{target_tag(target)}.ckpt"
 
 
 def fit(args: argparse.Namespace, runs: Path) -> tuple[Path, str]:
@@ -105,11 +113,13 @@ def fit(args: argparse.Namespace, runs: Path) -> tuple[Path, str]:
     from destein_pl.steering.checkpoint import read_checkpoint
 
     frontier = FRONTIERS[args.model]
-    source, target = frontier.checkpoints[frontier.steering], args.out or forward_checkpoint(runs, args.model)
+    source = frontier.checkpoints[frontier.steering]
+    target = args.out or forward_checkpoint(runs, args.model, args.target)
     if not target.is_file():
         prompts = fitting_prompts(args.rtp, args.pairs)
         options = ContinuationProbeOptions(sampling=SamplingSettings(num_samples=args.samples,
-                                                                     max_new_tokens=args.tokens), toxic_at=args.toxic_at)
+                                                                     max_new_tokens=args.tokens),
+                                           target=args.target, toxic_at=args.toxic_at)
         started = time.perf_counter()
         target.parent.mkdir(parents=True, exist_ok=True)
         write_continuation_gate(*check_paths(str(source), str(target), overwrite=False), prompts,
@@ -180,7 +190,7 @@ def run(args: argparse.Namespace, results: Results) -> None:
                      f"{auroc(scores, [i for i in every if not toxic_prompt[i]])} | "
                      f"{roc_auc_score(toxic_prompt, scores):.3f} |")
     share = sum(continuation) / len(continuation)
-    results.write(f"forward_gate{model_tag(args.model)}", f"The forward-looking gate of {frontier.title}", (
+    results.write(f"forward_gate{model_tag(args.model)}{target_tag(args.target)}", f"The forward-looking gate of {frontier.title}", (
         f"{fitted_line}\n\nTune sample of the development protocol ({args.per_subset} toxic + {args.per_subset} "
         f"non-toxic prompts). Each gate's score at a prompt's last token (top {GATE['heads']} heads, window "
         f"{GATE['window']}) against whether any of the base model's {args.tune_samples} stored continuations of it "

@@ -111,7 +111,7 @@ SECTIONS: tuple[Section, ...] = (
                    "--per-subset 2 --checkpoints paradetox-1000"),
          Benchmark("forward_gate", "the forward-looking gate: continuation probes fit on prompts of neither sample, "
                    "and how well its score predicts a toxic continuation on tune, against the context gate's",
-                   "forward_gate{model_tag}", ("",),
+                   "forward_gate{model_tag}{target_tag}", ("", "--target share"),
                    "--rtp 40 --pairs 0 --samples 2 --tokens 2 --toxic-at 0.1 --per-subset 1 --tune-samples 1",
                    needs=("frontier",)))),
     Section(
