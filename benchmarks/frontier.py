@@ -222,6 +222,12 @@ def stored_runs(kind: str, runs: Path, split: str, per_subset: int, samples: int
     return runs / kind / f"{split}-n{per_subset}-s{samples}{length}"
 
 
+BATCH_PROMPTS = 16
+"""Prompts per generation batch. A continuation does not depend on its batch (the sampler's guarantee), so this sets
+only the speed: 16 prompts generate about 1.45 times as fast as 4 on one core (SmolLM2, gated, 5 continuations).
+Runs stored with other batches resume as they are."""
+
+
 def evaluate_setting(steered, prompts, folder: Path, samples: int, tokens: int,
                      setting: dict[str, Any]) -> dict[str, Any]:
     """Evaluate `steered` at `setting["alpha"]` into `folder` (resuming what is stored there), then record the setting
@@ -231,7 +237,7 @@ def evaluate_setting(steered, prompts, folder: Path, samples: int, tokens: int,
 
     config = evaluation_config(folder, [setting["alpha"]], samples, tokens)
     started = time.perf_counter()
-    result = evaluate(steered, prompts, config, batch_size=4, verbose=False)
+    result = evaluate(steered, prompts, config, batch_size=BATCH_PROMPTS, verbose=False)
     write_json(folder / "setting.json", {**setting, "seconds": round(time.perf_counter() - started, 1)})
     return result
 
