@@ -8,7 +8,16 @@ The plain-Python API: load a model, wrap it, calibrate it on steering pairs, gen
     results = evaluate(steered, load_prompts(PromptsConfig("prompts.jsonl", n=20)))
 """
 
-from destein_pl.calibration import Calibration, CalibrationOptions, PairsConfig, SteeringPair, calibrate, load_pairs
+from destein_pl.calibration import (
+    Calibration,
+    CalibrationOptions,
+    ContinuationProbeOptions,
+    PairsConfig,
+    SteeringPair,
+    calibrate,
+    fit_continuation_probes,
+    load_pairs,
+)
 from destein_pl.evaluation import (
     EvaluationConfig,
     Evaluator,
@@ -35,6 +44,7 @@ __all__ = [
     "BUILTIN_MODELS",
     "Calibration",
     "CalibrationOptions",
+    "ContinuationProbeOptions",
     "EvaluationConfig",
     "Evaluator",
     "GateSettings",
@@ -48,6 +58,7 @@ __all__ = [
     "architecture_for",
     "calibrate",
     "evaluate",
+    "fit_continuation_probes",
     "load_base_model",
     "load_pairs",
     "load_prompts",
