@@ -191,10 +191,13 @@ class Runner:
             self.models[checkpoint] = steered, steered.gate
         return self.models[checkpoint]
 
-    def run(self, setting: dict[str, Any]) -> dict[str, Any]:
+    def run(self, setting: dict[str, Any]) -> dict[str, Any] | None:
+        """Evaluate a setting, unless it is stored whole already (its `setting.json` then keeps its own seconds)."""
         from destein_pl import GateSettings, SteeredCausalLM
 
         folder = self.out / setting_name(setting)
+        if (folder / "setting.json").is_file():
+            return None
         checkpoint = setting.get("checkpoint", self.frontier.steering)
         if setting is self.frontier.shipped:  # a model of its own, whose options nothing overrides
             steered = SteeredCausalLM.from_checkpoint(self.frontier.checkpoints[checkpoint])
