@@ -94,16 +94,24 @@ the pair comparisons on 40 (the paper's m). The few-shot self-induced one is mad
 configs/smollm2-135m-fewshot-induce.yaml`, then `destein fit --config configs/smollm2-135m.yaml --config
 configs/overlays/smollm2-135m-self-fewshot.yaml`."""
 
+GEMMA3_GATED_ALPHAS = (0.5, 0.6, 0.7, 0.8, 1.0)
+
 GEMMA3 = Frontier(
     "gemma3-270m", "Gemma 3 270M",
-    {"paradetox-40": ROOT / "checkpoints" / "gemma3-270m-paradetox.ckpt"},
+    {"paradetox-40": ROOT / "checkpoints" / "gemma3-270m-paradetox.ckpt",
+     "forward-40": RUNS / "checkpoints" / "gemma3-270m-forward-gated.ckpt"},
     [*({"series": "paper", "alpha": a} for a in (0.3, 0.4, 0.5, 0.6, 0.75, 1.3)),
      *({"series": "norm_preserving", "alpha": a, "fusion": "norm_preserving"} for a in (0.6,)),
-     *({"series": "smooth-paper", "alpha": a, "gate": GEMMA3_GATE} for a in (0.6, 0.8, 1.0))],
+     *({"series": "smooth-paper", "alpha": a, "gate": GEMMA3_GATE} for a in GEMMA3_GATED_ALPHAS),
+     *({"series": "smooth-floor", "alpha": a, "gate": GEMMA3_GATE, "floor": FLOOR} for a in GEMMA3_GATED_ALPHAS),
+     *({"series": "forward", "alpha": a, "checkpoint": "forward-40", "gate": "own"} for a in GEMMA3_GATED_ALPHAS),
+     *({"series": "forward-floor", "alpha": a, "checkpoint": "forward-40", "gate": "own", "floor": FLOOR}
+       for a in GEMMA3_GATED_ALPHAS)],
     "paradetox-40", {"series": "shipped", "checkpoint": "paradetox-40"}, "paper-a0.4")
 """Gemma's series on the 40-pair checkpoint of `destein fit --config configs/gemma3-270m.yaml`, at lower alphas than
-SmolLM2's (`paper-a1.3` is SmolLM2's alpha; docs/models.md says why the scale differs), and the smooth gate with that
-checkpoint's gate probes (which does not help there: docs/models.md)."""
+SmolLM2's (`paper-a1.3` is SmolLM2's alpha; docs/models.md says why the scale differs), the smooth gate with that
+checkpoint's gate probes (which does not help there: docs/models.md), and the forward gate of `python -m benchmarks
+forward_gate --model gemma3-270m`, each gate with and without the floor."""
 
 FRONTIERS = {f.model: f for f in (SMOLLM2, GEMMA3)}
 
