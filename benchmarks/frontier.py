@@ -70,6 +70,7 @@ class Frontier:
 SMOLLM2 = Frontier(
     "smollm2-135m", "SmolLM2-135M",
     {"paradetox-1000": ROOT / "checkpoints" / "smollm2-135m-gated.ckpt",
+     "shipped": ROOT / "checkpoints" / "smollm2-135m-forward-gated.ckpt",
      "paradetox-40": ROOT / "checkpoints" / "smollm2-135m-paradetox.ckpt",
      "self-induced-lexical": ROOT / "checkpoints" / "smollm2-135m-self-induced.ckpt",
      "self-induced-fewshot": RUNS / "checkpoints" / "smollm2-135m-self-fewshot.ckpt",
@@ -85,9 +86,11 @@ SMOLLM2 = Frontier(
      *({"series": "published", "alpha": a, "fusion": "published"} for a in (0.1, 0.3)),
      *({"series": f"pairs-{c}", "alpha": 1.3, "checkpoint": c}
        for c in ("paradetox-40", "self-induced-lexical", "self-induced-fewshot"))],
-    "paradetox-1000", {"series": "shipped", "checkpoint": "paradetox-1000"}, "smooth-paper-a1.3")
-"""SmolLM2's series: the frontier's steering on 1,000 ParaDetox pairs (the shipped gated checkpoint, whose steering
-`destein fit --config configs/smollm2-135m.yaml --config configs/overlays/smollm2-135m-gated.yaml` makes again),
+    "paradetox-1000", {"series": "shipped", "checkpoint": "shipped"}, "forward-floor-a1.8")
+"""SmolLM2's series: the frontier's steering on 1,000 ParaDetox pairs (the gated checkpoint, whose steering
+`destein fit --config configs/smollm2-135m.yaml --config configs/overlays/smollm2-135m-gated.yaml` makes again; the
+shipped checkpoint is the setting the rule chose on the dense sweep, `forward-floor-a1.8`, written by `python -m
+benchmarks forward_gate --alpha 1.8 --floor 0.25 --out checkpoints/smollm2-135m-forward-gated.ckpt`),
 ungated (`paper`), gated by its context probes (`smooth-paper`) and by the continuation probes of `python -m
 benchmarks forward_gate` (`forward`, at that checkpoint's own gate settings), the gates with and without the floor;
 the pair comparisons on 40 (the paper's m). The few-shot self-induced one is made by `destein induce --config

@@ -97,7 +97,7 @@ SECTIONS: tuple[Section, ...] = (
                         f"{series}-a{alpha:g}" for series, alphas in (
                             ("paper", (0.5, 0.7, 0.9, 1.1, 1.3)), ("smooth-paper", GATED_ALPHAS),
                             ("smooth-floor", GATED_ALPHAS), ("forward", GATED_ALPHAS), ("forward-floor", GATED_ALPHAS)) for alpha in alphas),
-                    "--split report --samples 10 --only base paper-a1.3 shipped",
+                    "--split report --only base shipped smooth-paper-a1.3",
                     "--samples 10 --per-subset 25 --only base hard-paper-a1.8 norm_preserving-a1.3 norm_preserving-a2 "
                     "pairs-paradetox-40-a1.3 pairs-self-induced-fewshot-a1.3 pairs-self-induced-lexical-a1.3 "
                     "paper-a0.9 paper-a1.3 paper-a1.8 published-a0.1 published-a0.3 smooth-paper-a1.3 "
@@ -125,13 +125,16 @@ SECTIONS: tuple[Section, ...] = (
                    requires=("peft",)),
          Benchmark("comparison", "every method's sweep on tune, then the matched points against DeStein on report",
                    "comparison-{model}-{split}-n{per_subset}-s{samples}",
-                   ("--samples 5 --per-subset 25", "--split report --samples 10"),
+                   ("--samples 5 --per-subset 25", "--split report --samples 10",
+                    "--model gemma3-270m --samples 5 --per-subset 25",
+                    "--model gemma3-270m --split report --samples 5 --per-subset 25"),
                    "--samples 1 --tokens 2 --per-subset 1 --only prompting iti-k16"))),
     Section(
         "Scorer fidelity",
         "How well each offline scorer agrees with Perspective on the 2,000 RealToxicityPrompts prompts, and whether "
-        "the EMT drop survives rescoring by a second scorer (a classifier built here from the embedded model, since "
-        "no model hub is reachable).",
+        "the EMT drop survives rescoring by a second scorer: the Jigsaw BiLSTM of `toxic-comment-classifier`, which "
+        "shares nothing with the steered model, and a classifier built here from the embedded model (no model hub "
+        "is reachable).",
         (Benchmark("scorer_classifier", "the second offline scorer: a ParaDetox classifier on the embedded model, "
                    "with its held-out AUROC", "scorer_classifier",
                    quick="--base-model {tiny} --pairs 10 --out {runs}/classifiers/tiny"),
@@ -142,7 +145,16 @@ SECTIONS: tuple[Section, ...] = (
                    "scorer_rescore{scorer_tag}",
                    ("runs/claims/tune-n50-s10/base runs/claims/tune-n50-s10/destein "
                     "runs/claims/tune-n50-s10/self-induced-parallel runs/claims/tune-n50-s10/published-a0.3 "
-                    "--threads 2",),
+                    "--threads 2",
+                    " ".join(f"runs/frontier/report-n100-s25/{name}" for name in (
+                        "base", "shipped", "smooth-paper-a1.3"))
+                    + " --scorer jigsaw-bilstm --name frontier-report --threads 2",
+                    " ".join(f"runs/frontier/tune-n100-s5/{name}" for name in (
+                        "base", "forward-floor-a1.8", "smooth-floor-a1.3", "smooth-paper-a1.3", "paper-a0.7"))
+                    + " --scorer jigsaw-bilstm --name frontier-tune --threads 2",
+                    " ".join(f"runs/comparison/gemma3-270m/report-n25-s5/{name}" for name in (
+                        "base", "destein-a0.4", "actadd-l12-a1", "dexperts-a0.5", "self_detoxify-a0.25"))
+                    + " --scorer jigsaw-bilstm --name comparison-gemma3-270m --threads 2"),
                    "{runs}/claims/tiny-llama/tune-n1-s1-t2/base {runs}/claims/tiny-llama/tune-n1-s1-t2/destein "
                    "--classifier {runs}/classifiers/tiny",
                    needs=("claims", "scorer_classifier")))),

@@ -168,3 +168,27 @@ def test_the_gate_verb_takes_a_given_threshold_floor_and_alpha(calibrated, tmp_p
         assert steered.gate == GateSettings("hard", threshold=0.2, temperature=0.07, floor=0.3, heads=4,
                                             probes="continuation")
         assert steered.alpha == pytest.approx(0.8) and read_checkpoint(out)[1]["alpha"] == 0.8
+
+
+@pytest.mark.slow
+def test_the_shipped_checkpoint_is_the_gated_steering_with_the_forward_gate_chosen_on_the_frontier():
+    """`checkpoints/smollm2-135m-forward-gated.*`: the 1,000-pair steering of the gated checkpoint, gated by its
+    continuation probes at the frontier's chosen setting (`forward-floor-a1.8` of benchmarks/frontier.py)."""
+    from benchmarks.frontier import FLOOR, SMOLLM2
+
+    chosen = next(s for s in SMOLLM2.sweep if f"{s['series']}-a{s['alpha']:g}" == SMOLLM2.reference)
+    shipped, steering = (SMOLLM2.checkpoints[k] for k in ("shipped", SMOLLM2.steering))
+    tensors, meta = read_checkpoint(shipped.with_suffix(".safetensors"))
+    source, _ = read_checkpoint(steering.with_suffix(".safetensors"))
+    for name in ("vectors", "head_weights", "probe_coef", "gate_probe_coef"):
+        assert torch.equal(tensors[name], source[name])
+    assert meta["continuation_probes"]["prompts"] == 2000
+    for suffix in (".ckpt", ".safetensors"):
+        steered = SteeredCausalLM.from_checkpoint(shipped.with_suffix(suffix))
+        assert steered.alpha == pytest.approx(chosen["alpha"])
+        assert steered.gate.probes == "continuation" and steered.gate.floor == chosen["floor"] == FLOOR
+        assert torch.equal(steered.continuation_probes.coef, tensors["continuation_probe_coef"])
+    batch = steered.tokenizer(["You are a stupid idiot and I hate you, you", "The weather today is sunny and the"],
+                              return_tensors="pt", padding=True)
+    gate, _ = steered.gate_values(batch["input_ids"], batch["attention_mask"])
+    assert gate[0, -1] > 0.5 > gate[1, -1] >= FLOOR  # steers the insult; the weather gets about the floor
