@@ -174,9 +174,9 @@ def test_the_gate_verb_takes_a_given_threshold_floor_and_alpha(calibrated, tmp_p
 def test_the_shipped_checkpoint_is_the_gated_steering_with_the_forward_gate_chosen_on_the_frontier():
     """`checkpoints/smollm2-135m-forward-gated.*`: the 1,000-pair steering of the gated checkpoint, gated by its
     continuation probes at the frontier's chosen setting (`forward-floor-a1.8` of benchmarks/frontier.py)."""
-    from benchmarks.frontier import FLOOR, SMOLLM2
+    from benchmarks.frontier import FLOOR, SMOLLM2, setting_name
 
-    chosen = next(s for s in SMOLLM2.sweep if f"{s['series']}-a{s['alpha']:g}" == SMOLLM2.reference)
+    chosen = next(s for s in SMOLLM2.sweep if setting_name(s) == SMOLLM2.reference)
     shipped, steering = (SMOLLM2.checkpoints[k] for k in ("shipped", SMOLLM2.steering))
     tensors, meta = read_checkpoint(shipped.with_suffix(".safetensors"))
     source, _ = read_checkpoint(steering.with_suffix(".safetensors"))
