@@ -11,7 +11,17 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
-from benchmarks.frontier import GATED_ALPHAS
+from benchmarks.frontier import GATED_ALPHAS, GEMMA3_GATED_ALPHAS, setting_name
+
+GATED_SERIES = ("smooth-paper", "smooth-floor", "forward", "forward-floor")
+"""The gated series of a dense frontier: the context gate and the forward gate, each with and without the floor."""
+
+
+def dense(*series: tuple[str, tuple[float, ...]]) -> str:
+    """`--only` for a dense frontier: the base model and each series at its alphas."""
+    return "--only base " + " ".join(setting_name({"series": name, "alpha": a}) for name, alphas in series
+                                     for a in alphas)
+
 
 
 @dataclass(frozen=True)
@@ -93,17 +103,21 @@ SECTIONS: tuple[Section, ...] = (
         (Benchmark("frontier", "the quality frontier of fusion variants, gate and pairs on the development protocol",
                    "frontier{model_tag}-{split}-n{per_subset}-s{samples}",
                    ("--samples 10 --only base paper-a0.9 paper-a1.3 smooth-paper-a1.3 smooth-paper-a1.8",
-                    "--samples 5 --only base " + " ".join(
-                        f"{series}-a{alpha:g}" for series, alphas in (
-                            ("paper", (0.5, 0.7, 0.9, 1.1, 1.3)), ("smooth-paper", GATED_ALPHAS),
-                            ("smooth-floor", GATED_ALPHAS), ("forward", GATED_ALPHAS), ("forward-floor", GATED_ALPHAS)) for alpha in alphas),
+                    "--samples 5 " + dense(("paper", (0.5, 0.7, 0.9, 1.1, 1.3)), *(
+                        (series, GATED_ALPHAS) for series in GATED_SERIES)),
                     "--split report --only base shipped smooth-paper-a1.3",
-                    "--samples 10 --per-subset 25 --only base hard-paper-a1.8 norm_preserving-a1.3 norm_preserving-a2 "
-                    "pairs-paradetox-40-a1.3 pairs-self-induced-fewshot-a1.3 pairs-self-induced-lexical-a1.3 "
-                    "paper-a0.9 paper-a1.3 paper-a1.8 published-a0.1 published-a0.3 smooth-paper-a1.3 "
-                    "smooth-paper-a1.8",
-                    "--model gemma3-270m --samples 10 --per-subset 50",
-                    "--model gemma3-270m --split report --samples 10 --only base shipped"),
+                    ("--samples 10 --per-subset 25 --only base hard-paper-a1.8 norm_preserving-a1.3 norm_preserving-a2 "
+                     "pairs-paradetox-40-a1.3 pairs-self-induced-fewshot-a1.3 pairs-self-induced-lexical-a1.3 "
+                     "paper-a0.9 paper-a1.3 paper-a1.8 published-a0.1 published-a0.3 smooth-paper-a1.3 "
+                     "smooth-paper-a1.8"),
+                    ("--model gemma3-270m --samples 10 --per-subset 50 --only base norm_preserving-a0.6 paper-a0.3 "
+                     "paper-a0.4 paper-a0.5 paper-a0.6 paper-a0.75 paper-a1.3 smooth-paper-a0.6 smooth-paper-a0.8 "
+                     "smooth-paper-a1"),
+                    # the forward series stop at 0.8 on Gemma: the context gate at 1.0 already costs over +35%
+                    "--model gemma3-270m --samples 5 --per-subset 50 " + dense(
+                        ("paper", (0.3, 0.4, 0.5, 0.6, 0.75)), *((series, GEMMA3_GATED_ALPHAS) for series in GATED_SERIES[:2]),
+                        *((series, GEMMA3_GATED_ALPHAS[:-1]) for series in GATED_SERIES[2:])),
+                    "--model gemma3-270m --split report --samples 10 --only base shipped smooth-floor-a0.7"),
                    "--samples 1 --tokens 2 --per-subset 1 --only base pairs-paradetox-40-a1.3"),
          Benchmark("gate_scores", "how well the gate's probe score separates toxic from non-toxic prompts (AUROC, "
                    "threshold)", "gate_scores{model_tag}-{split}",
@@ -111,7 +125,7 @@ SECTIONS: tuple[Section, ...] = (
                    "--per-subset 2 --checkpoints paradetox-1000"),
          Benchmark("forward_gate", "the forward-looking gate: continuation probes fit on prompts of neither sample, "
                    "and how well its score predicts a toxic continuation on tune, against the context gate's",
-                   "forward_gate{model_tag}{target_tag}", ("", "--target share"),
+                   "forward_gate{model_tag}{target_tag}", ("", "--target share", "--model gemma3-270m --per-subset 50"),
                    "--rtp 40 --pairs 0 --samples 2 --tokens 2 --toxic-at 0.1 --per-subset 1 --tune-samples 1",
                    needs=("frontier",)))),
     Section(
@@ -143,9 +157,9 @@ SECTIONS: tuple[Section, ...] = (
                    "--classifier {runs}/classifiers/tiny --limit 5 --repeats 1", needs=("scorer_classifier",)),
          Benchmark("scorer_rescore", "the EMT drop of stored evaluation runs under a second scorer",
                    "scorer_rescore{scorer_tag}",
-                   ("runs/claims/tune-n50-s10/base runs/claims/tune-n50-s10/destein "
-                    "runs/claims/tune-n50-s10/self-induced-parallel runs/claims/tune-n50-s10/published-a0.3 "
-                    "--threads 2",
+                   (("runs/claims/tune-n50-s10/base runs/claims/tune-n50-s10/destein "
+                     "runs/claims/tune-n50-s10/self-induced-parallel runs/claims/tune-n50-s10/published-a0.3 "
+                     "--threads 2"),
                     " ".join(f"runs/frontier/report-n100-s25/{name}" for name in (
                         "base", "shipped", "smooth-paper-a1.3"))
                     + " --scorer jigsaw-bilstm --name frontier-report --threads 2",
