@@ -23,7 +23,6 @@ def dense(*series: tuple[str, tuple[float, ...]]) -> str:
                                      for a in alphas)
 
 
-
 @dataclass(frozen=True)
 class Benchmark:
     """One benchmark: `python -m benchmarks <name> [options]`."""
@@ -115,8 +114,9 @@ SECTIONS: tuple[Section, ...] = (
                      "smooth-paper-a1"),
                     # the forward series stop at 0.8 on Gemma: the context gate at 1.0 already costs over +35%
                     "--model gemma3-270m --samples 5 --per-subset 50 " + dense(
-                        ("paper", (0.3, 0.4, 0.5, 0.6, 0.75)), *((series, GEMMA3_GATED_ALPHAS) for series in GATED_SERIES[:2]),
-                        *((series, GEMMA3_GATED_ALPHAS[:-1]) for series in GATED_SERIES[2:])),
+                        ("paper", (0.3, 0.4, 0.5, 0.6, 0.75)), ("smooth-paper", GEMMA3_GATED_ALPHAS),
+                        ("smooth-floor", GEMMA3_GATED_ALPHAS), ("forward", GEMMA3_GATED_ALPHAS[:-1]),
+                        ("forward-floor", GEMMA3_GATED_ALPHAS[:-1])),
                     "--model gemma3-270m --split report --samples 10 --only base shipped smooth-floor-a0.7"),
                    "--samples 1 --tokens 2 --per-subset 1 --only base pairs-paradetox-40-a1.3"),
          Benchmark("gate_scores", "how well the gate's probe score separates toxic from non-toxic prompts (AUROC, "
@@ -168,7 +168,10 @@ SECTIONS: tuple[Section, ...] = (
                     + " --scorer jigsaw-bilstm --name frontier-tune --threads 2",
                     " ".join(f"runs/comparison/gemma3-270m/report-n25-s5/{name}" for name in (
                         "base", "destein-a0.4", "actadd-l12-a1", "dexperts-a0.5", "self_detoxify-a0.25"))
-                    + " --scorer jigsaw-bilstm --name comparison-gemma3-270m --threads 2"),
+                    + " --scorer jigsaw-bilstm --name comparison-gemma3-270m --threads 2",
+                    " ".join(f"runs/frontier/gemma3-270m/report-n100-s10/{name}" for name in (
+                        "base", "shipped", "smooth-floor-a0.7"))
+                    + " --scorer jigsaw-bilstm --name frontier-gemma3-270m-report --threads 2"),
                    "{runs}/claims/tiny-llama/tune-n1-s1-t2/base {runs}/claims/tiny-llama/tune-n1-s1-t2/destein "
                    "--classifier {runs}/classifiers/tiny",
                    needs=("claims", "scorer_classifier")))),
