@@ -23,6 +23,12 @@ def dense(*series: tuple[str, tuple[float, ...]]) -> str:
                                      for a in alphas)
 
 
+def jigsaw(folder: str, settings: tuple[str, ...], name: str) -> str:
+    """`scorer_rescore`'s options for stored runs `runs/<folder>/<setting>` rescored by the Jigsaw BiLSTM."""
+    return (" ".join(f"runs/{folder}/{setting}" for setting in settings)
+            + f" --scorer jigsaw-bilstm --name {name} --threads 2")
+
+
 @dataclass(frozen=True)
 class Benchmark:
     """One benchmark: `python -m benchmarks <name> [options]`."""
@@ -160,18 +166,14 @@ SECTIONS: tuple[Section, ...] = (
                    (("runs/claims/tune-n50-s10/base runs/claims/tune-n50-s10/destein "
                      "runs/claims/tune-n50-s10/self-induced-parallel runs/claims/tune-n50-s10/published-a0.3 "
                      "--threads 2"),
-                    " ".join(f"runs/frontier/report-n100-s25/{name}" for name in (
-                        "base", "shipped", "smooth-paper-a1.3"))
-                    + " --scorer jigsaw-bilstm --name frontier-report --threads 2",
-                    " ".join(f"runs/frontier/tune-n100-s5/{name}" for name in (
-                        "base", "forward-floor-a1.8", "smooth-floor-a1.3", "smooth-paper-a1.3", "paper-a0.7"))
-                    + " --scorer jigsaw-bilstm --name frontier-tune --threads 2",
-                    " ".join(f"runs/comparison/gemma3-270m/report-n25-s5/{name}" for name in (
-                        "base", "destein-a0.4", "actadd-l12-a1", "dexperts-a0.5", "self_detoxify-a0.25"))
-                    + " --scorer jigsaw-bilstm --name comparison-gemma3-270m --threads 2",
-                    " ".join(f"runs/frontier/gemma3-270m/report-n100-s10/{name}" for name in (
-                        "base", "shipped", "smooth-floor-a0.7"))
-                    + " --scorer jigsaw-bilstm --name frontier-gemma3-270m-report --threads 2"),
+                    jigsaw("frontier/report-n100-s25", ("base", "shipped", "smooth-paper-a1.3"), "frontier-report"),
+                    jigsaw("frontier/tune-n100-s5", ("base", "forward-floor-a1.8", "smooth-floor-a1.3",
+                                                     "smooth-paper-a1.3", "paper-a0.7"), "frontier-tune"),
+                    jigsaw("comparison/gemma3-270m/report-n25-s5", ("base", "destein-a0.4", "actadd-l12-a1",
+                                                                    "dexperts-a0.5", "self_detoxify-a0.25"),
+                           "comparison-gemma3-270m"),
+                    jigsaw("frontier/gemma3-270m/report-n100-s10", ("base", "shipped", "smooth-floor-a0.7"),
+                           "frontier-gemma3-270m-report")),
                    "{runs}/claims/tiny-llama/tune-n1-s1-t2/base {runs}/claims/tiny-llama/tune-n1-s1-t2/destein "
                    "--classifier {runs}/classifiers/tiny",
                    needs=("claims", "scorer_classifier")))),
