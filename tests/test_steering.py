@@ -210,3 +210,78 @@ def test_deepcopy_keeps_steering_on_the_copy():
     with torch.no_grad():
         assert not torch.equal(steered(input_ids=ids).logits, clone(input_ids=ids).logits)
         assert torch.equal(clone(input_ids=ids).logits, tiny_model("llama")(input_ids=ids).logits)
+
+
+# ---- per-row alpha ---------------------------------------------------------------------------------------------
+ROW_ALPHAS = [0.0, 0.5, 1.3, 0.5]
+
+
+def per_row_and_alone(steered: SteeredCausalLM, alphas: list[float], new_tokens: int = 8):
+    """(logits, greedy tokens) of a left-padded batch whose rows run at `alphas`, and of each row as a batch of one
+    (the same padded row) at its alpha through the shared alpha."""
+    rows = [random_ids(1, n, seed=20 + n)[0] for n in (9, 5, 7, 9)][: len(alphas)]
+    ids, mask = left_pad(rows)
+    inputs = steered.architecture.padded_inputs(ids, mask)
+    greedy = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        batched = (steered(**inputs, alpha=alphas).logits,
+                   steered.generate(input_ids=ids, attention_mask=mask, alpha=alphas, **greedy))
+        shared = steered.alpha
+        alone_logits, alone_tokens = [], []
+        for i, alpha in enumerate(alphas):
+            steered.alpha = alpha
+            row = {k: v[i : i + 1] for k, v in inputs.items()}
+            alone_logits.append(steered(**row).logits[0])
+            alone_tokens.append(steered.generate(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1],
+                                                 **greedy)[0])
+        steered.alpha = shared
+    return batched, (torch.stack(alone_logits), torch.stack(alone_tokens)), mask.bool()
+
+
+def unsteered(steered: SteeredCausalLM) -> list[torch.Tensor]:
+    """The real positions' logits of `per_row_and_alone`'s rows at alpha 0."""
+    ids, mask = left_pad([random_ids(1, n, seed=20 + n)[0] for n in (9, 5, 7, 9)])
+    with torch.no_grad():
+        logits = steered(**steered.architecture.padded_inputs(ids, mask), alpha=[0.0] * 4).logits
+    return [row[m] for row, m in zip(logits, mask.bool())]
+
+
+@pytest.mark.parametrize("family, fusion", [(f, "paper") for f in FAMILIES]
+                         + [("llama", "norm_preserving"), ("gpt2", "published")])
+def test_rows_at_different_alphas_give_what_a_batch_of_one_at_each_alpha_gives(family, fusion):
+    steered = SteeredCausalLM(tiny_model(family))
+    if fusion == "published" and steered.config.hidden_size != steered.num_heads * steered.head_dim:
+        pytest.skip("the published fusion needs hidden_size == heads * head_dim")
+    steered.set_steering(*random_steering(steered), alpha=0.9)
+    steered.fusion = fusion
+    (logits, tokens), (alone_logits, alone_tokens), real = per_row_and_alone(steered, ROW_ALPHAS)
+    torch.testing.assert_close(logits[real], alone_logits[real], rtol=0, atol=1e-5)
+    assert torch.equal(tokens, alone_tokens)
+    assert all(not torch.allclose(alone_logits[i][real[i]], base) for i, base in enumerate(unsteered(steered))
+               if ROW_ALPHAS[i])  # each nonzero alpha has an effect
+    assert steered.alpha == pytest.approx(0.9) and all(b.steer_rows is None for b in steered.blocks)  # restored on exit
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gated_rows_at_different_alphas_keep_their_own_gate(family):
+    from tests.test_gating import gated_tiny
+
+    steered = gated_tiny(family, "smooth")
+    (logits, tokens), (alone_logits, alone_tokens), real = per_row_and_alone(steered, ROW_ALPHAS)
+    torch.testing.assert_close(logits[real], alone_logits[real], rtol=0, atol=1e-5)
+    assert torch.equal(tokens, alone_tokens)
+
+
+def test_equal_row_alphas_are_the_shared_alpha_exactly_and_mismatched_rows_are_refused():
+    steered = SteeredCausalLM(tiny_model("llama"))
+    steered.set_steering(*random_steering(steered), alpha=0.2)
+    ids = random_ids(3, 6)
+    with torch.no_grad():
+        rows = steered(input_ids=ids, alpha=[0.7, 0.7, 0.7]).logits
+        steered.alpha = 0.7
+        assert torch.equal(rows, steered(input_ids=ids).logits)
+        with pytest.raises(ValueError, match="holds 2 rows but this forward has 3"):
+            steered(input_ids=ids, alpha=[0.1, 0.7])
+        with pytest.raises(ValueError, match="finite"):
+            steered(input_ids=ids, alpha=[0.1, float("nan"), 0.2])
+    assert steered.alpha == pytest.approx(0.7)

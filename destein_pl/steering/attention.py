@@ -3,8 +3,9 @@
 Each attention block of a wrapped model becomes an instance of a generated subclass of its own class
 (`SteeredLlamaAttention`, ...). The subclass holds one layer's steering as three non-learned buffers (the heads'
 vectors `[H, D]`, their weights `[H]`, alpha), the steering operator (`destein_pl.steering.operators`), and an
-optional modifier (the probe gate) that gives the operator a per-row, per-position scale of alpha. Two hooks on
-the block's output projection call the operator at its site (the projection's input or output).
+optional modifier (the probe gate) that gives the operator a per-row, per-position scale of alpha, and optional
+per-row alphas (`SteeredCausalLM.row_alphas`) that multiply that scale. Two hooks on the block's output projection
+call the operator at its site (the projection's input or output).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class SteeredAttention(nn.Module):
     steer_alpha: Tensor
     steer_operator: SteeringOperator
     steer_modifier: Modifier | None
+    steer_rows: Tensor | None
+    """Per-row alphas `[batch]` (float32) while `SteeredCausalLM.row_alphas` is active, with `steer_alpha` 1; None:
+    every row at `steer_alpha`."""
 
     def _init_steering(self, num_heads: int, head_dim: int, projection: nn.Module) -> None:
         device = projection.weight.device
@@ -44,6 +48,7 @@ class SteeredAttention(nn.Module):
         self.register_buffer("steer_alpha", torch.zeros((), device=device))
         self.steer_operator = Paper()
         self.steer_modifier = None
+        self.steer_rows = None
         # Bound methods (not closures) so that copy.deepcopy rebinds the hooks to the copied block.
         projection.register_forward_pre_hook(self._steer_projection_input)
         projection.register_forward_hook(self._steer_projection_output)
@@ -59,6 +64,8 @@ class SteeredAttention(nn.Module):
         scale = True if self.steer_modifier is None else self.steer_modifier.scale()
         if scale is False:
             return None
+        if self.steer_rows is not None:
+            scale = row_scale(self.steer_rows, x, scale)
         return self.steer_operator(x, self, module, None if scale is True else scale)
 
     def _steer_projection_input(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -70,8 +77,18 @@ class SteeredAttention(nn.Module):
         return self._steer("output", module, output)
 
 
+def row_scale(rows: Tensor, x: Tensor, scale: Scale) -> Tensor:
+    """The scale `[batch, seq]` of a forward whose rows have their own alphas `rows` `[batch]`: each row's alpha,
+    times the modifier's scale where there is one (`True`: none)."""
+    if rows.shape[0] != x.shape[0]:
+        raise ValueError(f"per-row alpha holds {rows.shape[0]} rows but this forward has {x.shape[0]}; give one alpha "
+                         f"per row of the batch (after any expansion such as num_return_sequences)")
+    column = rows.to(device=x.device, dtype=torch.float32)[:, None].expand(x.shape[0], x.shape[1])
+    return column if scale is True else column * scale.to(device=x.device, dtype=torch.float32)
+
+
 STEER_BUFFERS = ("steer_vectors", "steer_head_weights", "steer_alpha")
-STEER_ATTRIBUTES = ("steer_operator", "steer_modifier")
+STEER_ATTRIBUTES = ("steer_operator", "steer_modifier", "steer_rows")
 STEER_HOOKS = (SteeredAttention._steer_projection_input, SteeredAttention._steer_projection_output)
 
 _STEERED_CLASSES: dict[type, type] = {}

@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -165,6 +167,38 @@ class SteeredCausalLM(nn.Module):
             raise ValueError(f"alpha must be a finite number, got {value}")
         for block in self.blocks:
             block.steer_alpha.fill_(value)
+
+    @contextmanager
+    def row_alphas(self, alphas: Sequence[float] | Tensor) -> Iterator[None]:
+        """Within the block, row `i` of every forward is steered at `alphas[i]` instead of the shared alpha: one batch
+        can hold the base model (0), the checkpoint's alpha and any other strength. With a gate, each row keeps its
+        own gate value, which multiplies its alpha.
+
+        Equal alphas run the shared-alpha path (exactly `self.alpha = a`); different ones set every layer's alpha to
+        1 and scale each row by its own, which equals a batch of one at that alpha up to float rounding. Every forward
+        inside must have `len(alphas)` rows. The shared alpha is restored on exit."""
+        rows = torch.as_tensor(alphas, dtype=torch.float32).detach().cpu()
+        if rows.dim() != 1 or rows.numel() == 0:
+            raise ValueError(f"per-row alphas must be a non-empty list (one per batch row), got shape "
+                             f"{list(rows.shape)}")
+        if not torch.isfinite(rows).all():
+            raise ValueError(f"per-row alphas must be finite numbers, got {rows.tolist()}")
+        if self.method is not None and not bool((rows == rows[0]).all()):
+            raise ValueError(f"per-row alphas steer DeStein's vectors; the baseline method {self.method.name!r} "
+                             f"takes one alpha for the whole batch")
+        shared, blocks = self.alpha, self.blocks
+        try:
+            if bool((rows == rows[0]).all()):
+                self.alpha = float(rows[0])
+            else:
+                self.alpha = 1.0
+                for block in blocks:
+                    block.steer_rows = rows.to(block.steer_alpha.device)
+            yield
+        finally:
+            for block in blocks:
+                block.steer_rows = None
+            self.alpha = shared
 
     @property
     def fusion(self) -> str:
@@ -386,8 +420,19 @@ class SteeredCausalLM(nn.Module):
         needed to run it. A copy unless `inplace` (then this object must not be used afterwards)."""
         return fold(self, inplace)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+    def forward(self, *args: Any, alpha: Sequence[float] | Tensor | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward; `alpha`, one per batch row, steers each row at its own strength
+        (`row_alphas`; None: every row at `self.alpha`)."""
+        if alpha is None:
+            return self.model(*args, **kwargs)
+        with self.row_alphas(alpha):
+            return self.model(*args, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model.generate(*args, **kwargs)
+    def generate(self, *args: Any, alpha: Sequence[float] | Tensor | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's `generate`; `alpha`, one per input row, steers each row (and its
+        `num_return_sequences` continuations) at its own strength (`row_alphas`; None: all at `self.alpha`)."""
+        if alpha is None:
+            return self.model.generate(*args, **kwargs)
+        rows = torch.as_tensor(alpha, dtype=torch.float32).repeat_interleave(kwargs.get("num_return_sequences") or 1)
+        with self.row_alphas(rows):
+            return self.model.generate(*args, **kwargs)
