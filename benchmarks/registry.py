@@ -240,10 +240,16 @@ SECTIONS: tuple[Section, ...] = (
                    "batch invariance", "gpu_check", quick="--device cpu --ckpt {tiny_ckpt} --test-prompts 1 "
                    "--samples 1 --tokens 1 --repeats 1", gpu=True))),
     Section(
-        "Serving the exported model",
-        "What stock engines make of `destein export`: the Hugging Face folder in the transformers 4.x that serving "
-        "stacks still pin, and the GGUF file in llama.cpp, against the live steered model.",
-        (Benchmark("export_compat", "an exported folder in transformers 4.x: logits and greedy text against live "
+        "Serving",
+        "`destein serve` under load, many requests at mixed steering strengths batched together, against the same "
+        "prompts decoded offline in one batch; and what stock engines make of `destein export`: the Hugging Face "
+        "folder in the transformers 4.x that serving stacks still pin, and the GGUF file in llama.cpp, against the "
+        "live steered model.",
+        (Benchmark("serve_load", "`destein serve`: concurrent requests at mixed alphas through the `openai` client, "
+                   "requests/s and tokens/s against one offline batch", "serve_load", ("--threads 1",),
+                   quick="--ckpt {tiny_ckpt} --requests 4 --tokens 2 --repeats 1",
+                   requires=("fastapi", "uvicorn", "openai")),
+         Benchmark("export_compat", "an exported folder in transformers 4.x: logits and greedy text against live "
                    "steering", "export_compat", quick="--ckpt {tiny_ckpt} --python current --tokens 2"),
          Benchmark("llama_cpp", "an exported GGUF in llama.cpp: the steering's effect on the logits and greedy "
                    "text against live steering, on the stored and a float32 base", "llama_cpp",

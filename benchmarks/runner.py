@@ -3,6 +3,7 @@
     python -m benchmarks                   # list them: what each answers and the results file it writes
     python -m benchmarks NAME [options]    # run one (NAME --help: its options)
     python -m benchmarks NAME --quick --output-dir DIR   # its quick run (seconds), its files written into DIR
+                                                         # (default runs/quick/: never docs/results/)
     python -m benchmarks standard          # every benchmark's standard runs, then the page (`make bench`; hours)
     python -m benchmarks page              # assemble docs/BENCHMARKS.md and fill the docs' generated blocks
 """
@@ -38,7 +39,7 @@ def listing() -> str:
 def run(bench: Benchmark, argv: list[str]) -> Path:
     """Run a benchmark with a command line of its options; the results file it wrote (its declared output)."""
     given = options.runner_options(argv)
-    results = Results.at(given.output_dir, options.command(bench, argv))
+    results = Results.at(options.output_dir(bench, given), options.command(bench, argv))
     args = options.parser(bench).parse_args(options.expanded(bench, argv, results.runs))
     missing = bench.missing()
     if missing:

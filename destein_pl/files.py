@@ -144,7 +144,7 @@ def ensure_settings(folder: str | os.PathLike, settings: dict[str, Any]) -> None
             raise ValueError(f"{folder} holds outputs made with other settings (stored, now): {changed}; "
                              f"use another output folder or the same settings")
     else:
-        write_atomic(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        write_atomic(path, json.dumps(settings, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def jsonable(value: Any) -> Any:

@@ -385,3 +385,77 @@ def test_destein_test_runs_a_method_in_two_processes_as_in_one(tiny_llama_dir, t
     for alpha in (0.0, 2.0):
         assert_same_generations(generations(runs[2], alpha), generations(runs[1], alpha))
     assert generations(runs[1], 2.0) != generations(runs[1], 0.0)
+
+
+def _write_pairs(path, rows):
+    path.write_text("".join(json.dumps({"toxic": t, "nontoxic": n}) + "\n" for t, n in rows))
+    return str(path)
+
+
+def test_a_changed_pairs_file_is_not_resumed(tiny_llama_dir, prompts, tmp_path):
+    import hashlib
+
+    pairs = tmp_path / "pairs.jsonl"
+    _write_pairs(pairs, [("you are a stupid idiot", "you are mistaken"), ("shut up, moron", "please be quiet"),
+                         ("this is crap", "this is not good"), ("what a dumb idea", "what a questionable idea")])
+    first = evaluate_small(fresh(tiny_llama_dir, ActAdd(pairs=str(pairs), m=4, layer=1)), prompts[:2],
+                           tmp_path / "run", alphas=[2.0])
+    assert first["steering"]["method"]["pairs_sha256"] == hashlib.sha256(pairs.read_bytes()).hexdigest()
+    _write_pairs(pairs, [("i hate you all", "i disagree with you"), ("get lost, loser", "please leave"),
+                         ("what garbage", "not my taste"), ("you absolute clown", "you surprised me")])
+    with pytest.raises(ValueError, match="holds outputs made with other settings"):
+        evaluate_small(fresh(tiny_llama_dir, ActAdd(pairs=str(pairs), m=4, layer=1)), prompts[:2],
+                       tmp_path / "run", alphas=[2.0])
+
+
+def test_every_file_or_folder_a_method_reads_is_hashed_into_its_settings(tmp_path):
+    words, pairs, expert = tmp_path / "words.txt", tmp_path / "pairs.jsonl", tmp_path / "expert"
+    expert.mkdir()
+    rows = [("you stupid idiot", "you are wrong")] * 3
+    methods = {
+        "actadd": lambda: ActAdd(pairs=str(pairs), m=2),
+        "iti": lambda: ITI(pairs=str(pairs), m=2),
+        "word_filter words": lambda: WordFilter(words=str(words)),
+        "word_filter pairs": lambda: WordFilter(pairs=str(pairs), min_count=1),
+        "dexperts": lambda: DExperts(str(expert), str(expert)),
+    }
+
+    def write(version):
+        words.write_text(f"idiot\nstupid{version}\n")
+        _write_pairs(pairs, rows + [(f"what a dumb{version} idea", "what an idea")])
+        (expert / "config.json").write_text(f'{{"v": {version!r}}}')
+
+    write("")
+    before = {name: make().settings() for name, make in methods.items()}
+    write("er")
+    for name, make in methods.items():
+        assert make().settings() != before[name], name
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, 11.0])
+@pytest.mark.parametrize("option", ["norm_exp", "sim_exp"])
+def test_self_detoxify_refuses_an_exponent_that_is_not_finite_or_out_of_range(option, value):
+    with pytest.raises(ValueError, match=rf"self_detoxify: {option} must be a finite number in \[0, 10\], got"):
+        SelfDetoxify(**{option: value})
+
+
+def test_every_float_option_of_every_method_is_checked_finite():
+    """Each registered method's float options, given NaN or infinity, are refused by the shared check, naming the
+    option; the other options take values that construct."""
+    import inspect
+
+    from destein_pl.baselines.method import METHODS as REGISTERED
+
+    required = {"pairs": PAIRS, "words": None, "expert": "e", "antiexpert": "a"}
+    checked = []
+    for name, cls in REGISTERED.items():
+        parameters = inspect.signature(cls).parameters
+        for option, parameter in parameters.items():
+            if parameter.annotation not in (float, "float", "float | None"):
+                continue
+            given = {k: v for k, v in required.items() if k in parameters and k != "words"}
+            for bad in (float("nan"), float("inf")):
+                with pytest.raises(ValueError, match=rf"^{name}: {option} must be a finite number"):
+                    cls(**given, **{option: bad})
+            checked.append(f"{name}.{option}")
+    assert {"self_detoxify.norm_exp", "self_detoxify.sim_exp", "iti.val_fraction"} <= set(checked)

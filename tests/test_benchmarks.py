@@ -328,3 +328,25 @@ def test_the_frontier_runs_a_checkpoints_own_gate_with_a_floor(continuation_gate
     context = json.loads((tmp_path / "smooth-floor-a0.9" / "results.json").read_text())["runs"][0]["steering"]["gate"]
     assert GateSettings.from_metadata(context) == GateSettings("smooth", threshold=0.3, floor=0.2)
     assert set(stored_settings(tmp_path)) == {"base", "forward-a0.9", "smooth-floor-a0.9"}
+
+
+def test_a_quick_run_without_an_output_folder_never_writes_into_docs_results(monkeypatch, tmp_path):
+    committed = digest(RESULTS)
+    monkeypatch.setattr(options, "QUICK", tmp_path / "quick")
+    path = run(BENCHMARKS["fold_speed"], ["--quick"])
+    assert digest(RESULTS) == committed, "a quick run changed docs/results/"
+    assert path == tmp_path / "quick" / "generation_speed.md"
+    assert options.output_dir(BENCHMARKS["fold_speed"], options.runner_options([])) is None
+
+
+def test_an_output_folder_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for given in (afile, afile / "below"):
+        with pytest.raises(SystemExit) as exit_info:
+            run(BENCHMARKS["fold_speed"], ["--quick", "--output-dir", str(given)])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == (
+            f"python -m benchmarks fold_speed: error: --output-dir {given}: {afile} is a file, not a folder; give a "
+            f"folder (or a path that does not exist yet) to write the results files into\n")
+    assert afile.read_text() == "mine"

@@ -1,11 +1,12 @@
 import copy
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from destein_pl import SteeredCausalLM
-from destein_pl.steering.checkpoint import CheckpointMismatchError, read_checkpoint
+from destein_pl.steering.checkpoint import CheckpointError, CheckpointMismatchError, read_checkpoint
 from destein_pl.lightning.module import DeSteinModule
 from tests.conftest import tiny_model
 
@@ -77,3 +78,46 @@ def test_shipped_checkpoints_load_ready_to_generate(name):
     steered = logits(from_ckpt)
     from_ckpt.alpha = 0.0
     assert (steered - logits(from_ckpt)).abs().max() > 0.1  # the steering moves the next-token logits
+
+
+def test_malformed_metadata_json_is_an_error_naming_the_file(calibrated, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from tests.conftest import refusal
+
+    _, folder = calibrated
+    tensors, metadata = read_checkpoint(folder / "tiny.safetensors")
+    headed = tmp_path / "headed.safetensors"
+    save_file(tensors, str(headed), metadata={"destein": '{"format": "destein-pl/1",'})
+    expected = f"{headed} (its header's 'destein' metadata): the steering metadata is not valid JSON"
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        read_checkpoint(headed)
+    assert refusal(capsys, "generate", "--ckpt", str(headed)).startswith(expected)
+    bare = tmp_path / "bare.safetensors"
+    save_file(tensors, str(bare))
+    (tmp_path / "bare.json").write_text("{'alpha': 0.5}\n")
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'bare.json'}: the steering metadata is not "
+                                                        f"valid JSON (Expecting property name enclosed in double "
+                                                        f"quotes at line 1, column 2); expected the JSON object")):
+        read_checkpoint(bare)
+    assert refusal(capsys, "export", "--ckpt_path", str(bare), "--out", str(tmp_path / "folded")).startswith(
+        f"{tmp_path / 'bare.json'}: the steering metadata is not valid JSON")
+    assert not (tmp_path / "folded").exists()
+
+
+def test_metadata_is_written_as_strict_json(calibrated, tmp_path):
+    import json
+
+    from destein_pl.steering.checkpoint import save_steering
+
+    _, folder = calibrated
+    tensors, metadata = read_checkpoint(folder / "tiny.safetensors")
+    path = tmp_path / "nan.safetensors"
+    save_steering(path, tensors, {**metadata, "continuation_probes": {"validation_auroc": float("nan")}})
+
+    def refuse(constant):
+        raise AssertionError(f"bare {constant} in the JSON")
+
+    written = json.loads(path.with_suffix(".json").read_text(), parse_constant=refuse)
+    assert written["continuation_probes"]["validation_auroc"] is None
+    assert read_checkpoint(path)[1] == written

@@ -251,7 +251,7 @@ def test_an_unknown_verb_lists_every_verb_and_the_closest(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err == ("destein: error: unknown verb 'tset' (did you mean 'test'?); the verbs are fit, test, generate, "
-                   "compare, induce, gate, export")
+                   "compare, induce, gate, export, serve")
     for gone in ("validate", "predict"):
         with pytest.raises(SystemExit):
             main([gone])
@@ -264,7 +264,7 @@ def test_the_overview_lists_every_verb(capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     verbs = re.findall(r"^  (\w+) ", printed, flags=re.MULTILINE)
-    assert verbs == ["fit", "test", "generate", "compare", "induce", "gate", "export"]
+    assert verbs == ["fit", "test", "generate", "compare", "induce", "gate", "export", "serve"]
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--help"])
     assert exit_info.value.code == 0
@@ -387,3 +387,78 @@ def test_export_verb_writes_a_folder_stock_transformers_loads(calibrated, tmp_pa
     mask = batch["attention_mask"].bool()
     torch.testing.assert_close(got[mask], expected[mask], rtol=0, atol=1e-5)
     assert (tmp_path / "folded" / "README.md").read_text().count("alpha") >= 1
+
+
+def _tiny_test_args(model_dir, out, *extra):
+    return ["test", "--model.base_model", str(model_dir), "--data.prompts.source", str(RTP100), "--data.prompts.n",
+            "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--model.evaluation.output_dir", str(out), "--model.evaluation.sampling.num_samples", "2",
+            "--model.evaluation.sampling.max_new_tokens", "3", *extra]
+
+
+def test_test_refuses_steering_options_that_cannot_act(tiny_llama_dir, tmp_path, capsys):
+    args = _tiny_test_args(tiny_llama_dir, tmp_path / "eval")
+    assert refusal(capsys, *args, "--model.gate.mode", "smooth") == (
+        "model.gate (mode 'smooth') acts on a steering checkpoint's steering, and none is loaded; give --ckpt_path "
+        "CKPT, or leave it out")
+    assert refusal(capsys, *args, "--model.fusion", "norm_preserving", "--model.gate.mode", "smooth") == (
+        "model.fusion 'norm_preserving' and model.gate (mode 'smooth') act on a steering checkpoint's steering, and "
+        "none is loaded; give --ckpt_path CKPT, or leave them out")
+    assert refusal(capsys, *args, "--model.method", "prompting", "--model.gate.mode", "smooth") == (
+        "model.gate (mode 'smooth') shapes DeStein's steering, which model.method replaces; leave it out")
+    for alpha in (["--model.evaluation.alphas", "[0, 1.3]"], ["--model.alpha", "1.3"]):
+        assert "alpha 1.3 would steer by all-zero steering vectors (no --ckpt_path given)" in refusal(
+            capsys, *args, *alpha)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_test_applies_fusion_and_gate_over_either_checkpoint_file(calibrated, tiny_llama_dir, tmp_path):
+    _, out = calibrated
+    for ckpt in ("tiny.ckpt", "tiny.safetensors"):
+        folder = tmp_path / ckpt
+        main(_tiny_test_args(tiny_llama_dir, folder, "--ckpt_path", str(out / ckpt), "--model.fusion",
+                             "norm_preserving", "--model.gate.mode", "smooth"))
+        steering = json.loads((folder / "results.json").read_text())["steering"]
+        assert (steering["fusion"], steering["gate"]["mode"], steering["alpha"]) == ("norm_preserving", "smooth", 0.5)
+        assert "zero_steering" not in steering
+
+
+def test_test_evaluates_an_alpha_given_on_the_command_line_not_the_configs(calibrated, tiny_llama_dir, tmp_path,
+                                                                           capsys):
+    _, out = calibrated
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  alpha: 1.3\n")
+    ckpt = ["--ckpt_path", str(out / "tiny.ckpt")]
+    main(_tiny_test_args(tiny_llama_dir, tmp_path / "config", *ckpt, "--config", str(config)))
+    main(_tiny_test_args(tiny_llama_dir, tmp_path / "given", *ckpt, "--config", str(config), "--model.alpha", "0.8"))
+    from_config, given = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("config", "given"))
+    assert [r["alpha"] for r in from_config["runs"]] == [0.0, 0.5] and from_config["steering"]["alpha"] == 0.5
+    assert [r["alpha"] for r in given["runs"]] == [0.0, 0.8] and given["steering"]["alpha"] == 0.8
+    assert refusal(capsys, *_tiny_test_args(tiny_llama_dir, tmp_path / "both", *ckpt, "--model.alpha", "0.8",
+                                            "--model.evaluation.alphas", "[0, 1]")) == (
+        "model.alpha 0.8 is not among model.evaluation.alphas [0.0, 1.0]; give one of the two")
+
+
+def test_a_value_a_constructor_refuses_is_one_line_and_exit_code_2(capsys):
+    pairs = str(SHARED_DATA / "paradetox" / "paradetox.tsv")
+    args = ["test", "--config", str(CONFIG_DIR / "smollm2-135m.yaml"), "--trainer.logger", "false"]
+    cases = {
+        ("--model.method", "ActAdd", "--model.method.pairs", pairs, "--model.method.m", "1"):
+            "pairs.m must be at least 2",
+        ("--model.method", "ITI", "--model.method.pairs", pairs, "--model.method.heads", "0"):
+            "iti: heads and last_k must be at least 1, got 0 and 8",
+        ("--model.method", "ITI", "--model.method.pairs", pairs, "--model.method.val_fraction", "1.5"):
+            "iti: val_fraction must be a finite number in (0, 1), got 1.5",
+        ("--model.val_fraction", "1.5",): "val_fraction must be strictly between 0 and 1, got 1.5",
+        ("--model.method", "WordFilter"): "word_filter: give exactly one of words",
+        ("--model.method", "Prompting", "--model.method.prefix", ""):
+            "prompting: the prefix (or system message) it would use is empty",
+        ("--model.gate.threshold", "2"): "gate threshold must be in [0, 1] (a mean toxic probability), got 2.0",
+        ("--model.gate.mode", "smooth", "--model.gate.window", "1000000000"): "gate window must be an integer from 1",
+        ("--data.prompts.n", "0"): "prompts.n must be at least 1 (or None for all prompts), got 0",
+    }
+    for extra, message in cases.items():
+        assert refusal(capsys, *args, *extra).startswith(message)
+    ckpt = str(CONFIG_DIR.parent / "checkpoints" / "smollm2-135m-paradetox.ckpt")
+    assert refusal(capsys, "gate", "--ckpt_path", ckpt, "--out", "x.ckpt",
+                   str(RTP100), "--gate.window", "1000000000").startswith("gate window must be an integer from 1")

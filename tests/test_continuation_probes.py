@@ -74,7 +74,8 @@ def test_soft_probes_need_both_kinds_of_continuation():
 def test_best_threshold_maximises_balanced_accuracy():
     assert best_threshold([0.1, 0.2, 0.3, 0.9], [False, False, True, True]) == 0.3
     assert best_threshold([0.1, 0.5, 0.6, 0.7], [True, False, True, True]) == 0.6  # 2/3 + 1 beats 1 + 0
-    with pytest.raises(ValueError, match="positive and negative"):
+    with pytest.raises(ValueError, match="validation prompts with a toxic continuation and prompts without one; got 2 "
+                                         "with and 0 without"):
         best_threshold([0.1, 0.2], [True, True])
 
 
@@ -192,3 +193,18 @@ def test_the_shipped_checkpoint_is_the_gated_steering_with_the_forward_gate_chos
                               return_tensors="pt", padding=True)
     gate, _ = steered.gate_values(batch["input_ids"], batch["attention_mask"])
     assert gate[0, -1] > 0.5 > gate[1, -1] >= FLOOR  # steers the insult; the weather gets about the floor
+
+
+def test_gate_refuses_continuations_of_one_kind_saying_how_many_toxic_ones_it_needs(calibrated, capsys, tmp_path):
+    _, folder = calibrated
+    benign = tmp_path / "benign.txt"
+    benign.write_text("".join(f"The weather on day {i} was\n" for i in range(12)))
+    args = ["gate", "--ckpt_path", str(folder / "tiny.ckpt"), "--out", str(tmp_path / "gated.ckpt"), str(benign),
+            "--output_dir", str(tmp_path / "run"), "--options.sampling.num_samples", "2",
+            "--options.sampling.max_new_tokens", "3", "--options.toxic_at", "1"]
+    expected = ("0 of the 24 continuations of the 12 prompts are toxic (score >= toxic_at 1), in 0 of the 10 "
+                "training prompts and 0 of the 2 validation prompts; a gate needs a toxic continuation in at least 1 "
+                "training prompt and 1 validation prompt, and at least 1 validation prompt with none")
+    assert refusal(capsys, *args).startswith(expected)
+    assert refusal(capsys, *args, "--threshold", "0.3").startswith(expected)
+    assert not list(tmp_path.glob("gated.*"))

@@ -293,3 +293,19 @@ def test_results_record_the_steering_they_ran_with(tiny_llama_dir, tmp_path):
                                                                                generator=g), torch.zeros(shape),
                                                                    torch.rand(shape)))
     assert steered.steering_digest() != recorded["digest"]
+
+
+def test_a_steered_alpha_over_zero_steering_is_flagged(tiny_steered, tmp_path):
+    """`evaluate` at alpha 1 with no steering set: the continuations are the base model's, and the results say so."""
+    from destein_pl import load_prompts
+
+    assert not tiny_steered.vectors.any()
+    results = evaluate_small(tiny_steered, load_prompts(PromptsConfig(str(RTP100), n=2)), tmp_path,
+                             alphas=[0.0, 1.0])
+    flag = ("alpha=1: the steering vectors are all zero (none set or loaded, and no method), so these are the base "
+            "model's continuations, not a steered run")
+    assert results["steering"]["zero_steering"] is True and results["warnings"] == [flag]
+    assert [r["warnings"] for r in results["runs"]] == [[], [flag]]
+    assert f"**Warning:** {flag}" in (tmp_path / "results.md").read_text()
+    base, steered = (read_records(tmp_path / f"alpha_{a}" / "generations.jsonl") for a in (0, 1))
+    assert [r["continuations"] for r in base] == [r["continuations"] for r in steered]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, MistralConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, PreTrainedTokenizerFast
 
 from destein_pl import SteeredCausalLM, load_base_model, load_prompts
 from destein_pl.evaluation.prompts import PromptsConfig
@@ -138,6 +138,20 @@ def test_export_writes_what_transformers_4_reads_the_same_way(exported):
         assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] and config["rope_scaling"] is None
         tokenizer = json.loads((folders[family] / "tokenizer_config.json").read_text())
         assert tokenizer["tokenizer_class"] != "TokenizersBackend"  # a class name 4.x does not know
+
+
+def test_the_exported_tokenizer_gives_only_what_the_model_takes_in_transformers_4_too(exported):
+    """4.x's `PreTrainedTokenizerFast` returns `token_type_ids` unless the tokenizer config names its outputs, and
+    `model.generate(**tokenizer(text, return_tensors="pt"))` then refuses them; the config names the live
+    tokenizer's outputs (`python -m benchmarks export_compat` runs the idiom in 4.x)."""
+    for family, folder in exported[0].items():
+        tokenizer = json.loads((folder / "tokenizer_config.json").read_text())
+        assert tokenizer["model_input_names"] == ["input_ids", "attention_mask"], family
+        assert set(AutoTokenizer.from_pretrained(folder)("w5 w6 w7")) == {"input_ids", "attention_mask"}, family
+    folder = exported[0]["llama"]
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    batch = AutoTokenizer.from_pretrained(folder)("w5 w6 w7", return_tensors="pt")
+    assert model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0).shape == (1, 5)
 
 
 def test_export_writes_the_stock_bias_flag_and_explicit_zero_companion_biases(exported):
@@ -280,6 +294,31 @@ def test_export_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
     export(str(ckpt), str(out), overwrite=True)  # a previous export is replaced
     assert (out / "model.safetensors").is_file() and (out / "destein.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_overwrite_refuses_a_previous_export_with_anything_beside_it(tmp_path):
+    """`destein.json` lists the export's files; a folder holding any other file or folder beside them, or a
+    `destein.json` that lists none, is never replaced, and every file in it is kept."""
+    ckpt, _ = tiny_checkpoint(tmp_path, "gpt2")
+    out = export(str(ckpt), str(tmp_path / "out"))
+    listed = json.loads((out / "destein.json").read_text())["files"]
+    assert sorted(listed) == sorted(p.name for p in out.iterdir())
+    (out / "notes.txt").write_text("mine")
+    (out / "eval").mkdir()
+    (out / "eval" / "results.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"out: .* holds files that the previous export did not write "
+                                              r"\(eval/, notes.txt\); overwrite replaces only a previous export"):
+        export(str(ckpt), str(out), overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "eval" / "results.json").is_file()
+    (out / "notes.txt").unlink()
+    (out / "eval" / "results.json").unlink()
+    (out / "eval").rmdir()
+    record = json.loads((out / "destein.json").read_text())
+    del record["files"]
+    (out / "destein.json").write_text(json.dumps(record))
+    with pytest.raises(FileExistsError, match=r"out: .*destein.json lists no exported files"):
+        export(str(ckpt), str(out), overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted(listed)
 
 
 def test_export_never_writes_over_its_input_or_the_working_folder(tmp_path, monkeypatch):

@@ -272,3 +272,32 @@ def test_rewrites_longer_than_the_context_are_dropped_by_name(tiny_llama_dir, tm
     assert re.search(r"dropped a rewrite by the 'endless' rewriter of \d{4} tokens, longer than the model's context",
                      caplog.text)
     assert not (tmp_path / "induce" / "pairs.jsonl").exists()
+
+
+@pytest.mark.parametrize("case", ["prompts", "prompts by a link", "samples", "settings", "summary", "output_dir",
+                                  "in the base model", "demonstrations"])
+def test_an_output_that_is_one_of_the_runs_inputs_is_refused_before_anything_loads(tiny_llama_dir, tmp_path,
+                                                                                    capsys, case):
+    """`--output` never replaces the prompts it reads, a rewriter's file, a file of the base model, or a file of
+    the run's own folder; the files stay byte for byte as they were."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("you are such an idiot\nshut up, moron\n")
+    out = tmp_path / "induce"
+    out.mkdir()
+    for name in ("samples.jsonl", "settings.json", "summary.json"):
+        (out / name).write_text("{}\n")
+    (tmp_path / "link.txt").symlink_to(prompts)
+    output = {"prompts": prompts, "prompts by a link": tmp_path / "link.txt", "samples": out / "samples.jsonl",
+              "settings": out / "settings.json", "summary": out / "summary.json", "output_dir": out,
+              "in the base model": tiny_llama_dir / "config.json", "demonstrations": tmp_path / "demos.jsonl"}[case]
+    (tmp_path / "demos.jsonl").write_text('{"toxic": "you idiot", "nontoxic": "you are wrong"}\n')
+    watched = [prompts, tmp_path / "demos.jsonl", tiny_llama_dir / "config.json", *out.iterdir()]
+    before = {p: p.read_bytes() for p in watched}
+    extra = (["--rewriter", "SelfRewriter", "--rewriter.demonstrations", str(tmp_path / "demos.jsonl")]
+             if case == "demonstrations" else ["--rewriter", "none"])
+    message = refusal(capsys, "induce", "--base_model", str(tiny_llama_dir), "--output_dir", str(out),
+                      "--prompts", str(prompts), "--num_prompts", "2", "--output", str(output), *extra)
+    assert message.startswith(f"output: {output} ") and ("input of this run" in message or "base model" in message
+                                                         or "in output_dir" in message or "is a folder" in message)
+    assert {p: p.read_bytes() for p in watched} == before
+    assert sorted(p.name for p in out.iterdir()) == ["samples.jsonl", "settings.json", "summary.json"]

@@ -42,6 +42,18 @@ def test_malformed_rtp_line_names_file_and_line(tmp_path, line, message):
         read_prompts(tmp_path / "rtp.jsonl")
 
 
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("name, row", [
+    ("rtp.jsonl", '{{"filename": "f", "begin": 2, "prompt": {{"text": "x", "toxicity": {value}}}}}'),
+    ("plain.jsonl", '{{"text": "x", "toxicity": {value}}}'),
+])
+def test_a_toxicity_that_is_not_finite_is_refused_naming_file_and_line(tmp_path, value, name, row):
+    good = row.format(value="0.25").replace('"begin": 2', '"begin": 1')
+    (tmp_path / name).write_text(f"{good}\n{row.format(value=value)}\n")
+    with pytest.raises(PromptsFileError, match=rf"{name.replace('.', '[.]')}:2: toxicity must be a finite number"):
+        read_prompts(tmp_path / name)
+
+
 def test_sampling_and_errors(tmp_path):
     prompts = [Prompt(str(i), f"p{i}") for i in range(20)]
     chosen = sample_prompts(prompts, 5, seed=1)

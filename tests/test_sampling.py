@@ -31,6 +31,16 @@ def test_settings_that_would_give_meaningless_text_are_refused(option, value, me
         SamplingSettings(**{option: value})
 
 
+def test_more_samples_per_prompt_than_one_batch_can_hold_are_refused_in_one_line(capsys):
+    from tests.conftest import refusal
+
+    assert SamplingSettings(num_samples=1000).num_samples == 1000
+    with pytest.raises(ValueError, match=r"num_samples must be from 1 to 1000 \(one prompt's continuations"):
+        SamplingSettings(num_samples=1001)
+    assert refusal(capsys, "generate", "--prompt", "hi", "--sampling.num_samples", "1000000000") == (
+        "num_samples must be from 1 to 1000 (one prompt's continuations are generated in one batch), got 1000000000")
+
+
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()[None].repeat(5, 1)
     # kept: 0.5 + 0.3 < 0.9, so the third token joins; the fourth is outside. CDF of the kept mass (0.95):

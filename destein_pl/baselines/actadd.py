@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from destein_pl.baselines.method import Method, register
+from destein_pl.baselines.method import Method, input_digest, register
 from destein_pl.baselines.pair_activations import pair_texts, record_texts
 from destein_pl.calibration.pairs import PairsConfig
 from destein_pl.steering.activations import last_tokens_weights
@@ -95,5 +95,6 @@ class ActAdd(Method):
             self._handle = None
 
     def settings(self) -> dict[str, Any]:
-        return {"method": self.name, "pairs": self.pairs.source.rsplit("/", 1)[-1], "m": self.pairs.m,
+        return {"method": self.name, "pairs": self.pairs.source.rsplit("/", 1)[-1],
+                "pairs_sha256": input_digest(self.pairs.source), "m": self.pairs.m,
                 "seed": self.pairs.seed, "cues": self.pairs.cues, "layer": self.layer, "last_k": self.last_k}

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from destein_pl.baselines.method import Method, register
+from destein_pl.baselines.method import Method, input_digest, register
 
 
 @dataclass
@@ -77,6 +77,7 @@ class DExperts(Method):
             raise ValueError("dexperts: give both the expert and the antiexpert (model paths)")
         self.expert_path, self.antiexpert_path, self.dtype = expert, antiexpert, dtype
         self.models: tuple[nn.Module, nn.Module] | None = None
+        self._digests: dict[str, str | None] | None = None
 
     def attach(self, steered) -> None:
         from destein_pl.steering.loading import device_map_for, load_base_model
@@ -101,5 +102,8 @@ class DExperts(Method):
         return ExpertEnsemble(steered, *self.models)
 
     def settings(self) -> dict[str, Any]:
+        if self._digests is None:
+            self._digests = {"expert_sha256": input_digest(self.expert_path),
+                             "antiexpert_sha256": input_digest(self.antiexpert_path)}
         return {"method": self.name, "expert": str(self.expert_path), "antiexpert": str(self.antiexpert_path),
-                "dtype": self.dtype}
+                **self._digests, "dtype": self.dtype}

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from destein_pl.baselines.method import Method, register
+from destein_pl.baselines.method import Method, float_option, input_digest, register
 from destein_pl.baselines.pair_activations import pair_texts, record_texts
 from destein_pl.calibration.pairs import PairsConfig
 from destein_pl.calibration.probes import fit_head_probes
@@ -58,8 +58,7 @@ class ITI(Method):
         self.pairs = PairsConfig(source=pairs, m=m, seed=seed, cues=cues)
         if heads < 1 or last_k < 1:
             raise ValueError(f"iti: heads and last_k must be at least 1, got {heads} and {last_k}")
-        if not 0 < val_fraction < 1:
-            raise ValueError(f"iti: val_fraction must be strictly between 0 and 1, got {val_fraction}")
+        val_fraction = float_option(self.name, "val_fraction", val_fraction, 0, 1, open_interval=True)
         self.heads, self.last_k, self.val_fraction, self.probe_seed = heads, last_k, val_fraction, probe_seed
 
     def attach(self, steered) -> None:
@@ -79,6 +78,7 @@ class ITI(Method):
         steered.set_steering(torch.zeros_like(steered.vectors), torch.zeros_like(steered.head_weights))
 
     def settings(self) -> dict[str, Any]:
-        return {"method": self.name, "pairs": self.pairs.source.rsplit("/", 1)[-1], "m": self.pairs.m,
+        return {"method": self.name, "pairs": self.pairs.source.rsplit("/", 1)[-1],
+                "pairs_sha256": input_digest(self.pairs.source), "m": self.pairs.m,
                 "seed": self.pairs.seed, "cues": self.pairs.cues, "heads": self.heads, "last_k": self.last_k,
                 "val_fraction": self.val_fraction, "probe_seed": self.probe_seed}

@@ -15,7 +15,10 @@ Adding one is one file in this package with a `@register`ed subclass, and its te
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Collection, Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import nn
@@ -47,8 +50,41 @@ class Method(Plugin):
         return steered
 
     def settings(self) -> dict[str, Any]:
-        """What results record and stored generations are matched on: the method's name and options."""
+        """What results record and stored generations are matched on: the method's name and options, with the sha256
+        (`input_digest`) of every file or folder it reads, so that a changed input is not resumed."""
         return {"method": self.name}
+
+
+def float_option(method: str, option: str, value: Any, low: float, high: float,
+                 open_interval: bool = False) -> float:
+    """`value` as a float, or an error naming the method and option when it is not a finite number in
+    `[low, high]` (`(low, high)` with `open_interval`)."""
+    interval = f"({low:g}, {high:g})" if open_interval else f"[{low:g}, {high:g}]"
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    inside = number and math.isfinite(value) and (low < value < high if open_interval else low <= value <= high)
+    if not inside:
+        raise ValueError(f"{method}: {option} must be a finite number in {interval}, got {value!r}")
+    return float(value)
+
+
+def input_digest(source: str | Path) -> str | None:
+    """sha256 of what a method reads from `source`: a file's bytes, or a folder's files (each one's path inside it
+    and bytes, in path order); None when `source` is no local path (a hub id, a built-in name)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        if file != path:  # a folder's file: its place in the folder counts too
+            digest.update(f"{file.relative_to(path).as_posix()}\x00{file.stat().st_size}\x00".encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from destein_pl.baselines.method import Method, register
+from destein_pl.baselines.method import Method, float_option, register
 from destein_pl.calibration.pairs import NONTOXIC_CUE, TOXIC_CUE
 from destein_pl.evaluation.sampling import left_padded
 
@@ -127,6 +127,10 @@ class Reversal(nn.Module):
         return ReversalOutput(out.logits, made)
 
 
+EXPONENT_MAX = 10.0
+"""The largest `norm_exp` or `sim_exp` accepted (the authors' values are 0.4 and 0.6)."""
+
+
 @register
 class SelfDetoxify(Method):
     """Toxification reversal in every attention layer, its direction from a negative and a positive prefix.
@@ -134,8 +138,8 @@ class SelfDetoxify(Method):
     Args:
         negative_prefix: the prefix that induces toxicity (default: the paper's, DeStein's toxic cue).
         positive_prefix: the reference prefix (default: the paper's, DeStein's non-toxic cue).
-        norm_exp: exponent of the direction's norm in the step size (authors' GPT-2-large value 0.4).
-        sim_exp: exponent of the similarity term (authors' value 0.6).
+        norm_exp: exponent of the direction's norm in the step size (authors' GPT-2-large value 0.4), in [0, 10].
+        sim_exp: exponent of the similarity term (authors' value 0.6), in [0, 10].
     """
 
     name = "self_detoxify"
@@ -145,7 +149,8 @@ class SelfDetoxify(Method):
         if not negative_prefix or not positive_prefix:
             raise ValueError("self_detoxify: both prefixes must be non-empty")
         self.negative_prefix, self.positive_prefix = negative_prefix, positive_prefix
-        self.norm_exp, self.sim_exp = float(norm_exp), float(sim_exp)
+        self.norm_exp = float_option(self.name, "norm_exp", norm_exp, 0, EXPONENT_MAX)
+        self.sim_exp = float_option(self.name, "sim_exp", sim_exp, 0, EXPONENT_MAX)
         self.prefixes: list[list[int]] = []
         self.lead = 0
         self.negative_end: list[Tensor] = []

@@ -19,7 +19,7 @@ from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from destein_pl.baselines.method import Method, register
+from destein_pl.baselines.method import Method, input_digest, register
 from destein_pl.files import read_text
 
 WORD = re.compile(r"[a-z][a-z']{2,}")
@@ -104,7 +104,8 @@ class WordFilter(Method):
 
     def settings(self) -> dict[str, Any]:
         self.setup()
-        source = ({"words": Path(self.words_file).name} if self.words_file is not None else
-                  {"pairs": Path(self.pairs).name, "min_count": self.min_count})
+        source = ({"words": Path(self.words_file).name, "words_sha256": input_digest(self.words_file)}
+                  if self.words_file is not None else
+                  {"pairs": Path(self.pairs).name, "pairs_sha256": input_digest(self.pairs), "min_count": self.min_count})
         return {"method": self.name, **source, "num_words": len(self.words),
                 "sha256": hashlib.sha256("\n".join(self.words).encode()).hexdigest()}

@@ -214,9 +214,10 @@ def fit_continuation_probes(steered: SteeredCausalLM, prompts: Sequence[Prompt],
     if getattr(steered, "method", None) is not None:
         raise ValueError("continuation probes read DeStein's own model; this one runs a baseline method")
     scores = continuation_scores(steered, prompts, output_dir, options, progress)
+    train, val = split_pairs(len(prompts), options.val_fraction, options.seed)
+    check_both_kinds(prompts, scores, train, val, options)
     labels = {p.id: label(scores[p.id], options) for p in prompts}
     features = prompt_features(steered, prompts, options, progress)
-    train, val = split_pairs(len(prompts), options.val_fraction, options.seed)
     target = torch.tensor([labels[p.id] for p in prompts])
     probes = fit_soft_probes(features, target, train, val)
     provenance = {
@@ -232,12 +233,30 @@ def fit_continuation_probes(steered: SteeredCausalLM, prompts: Sequence[Prompt],
     return ContinuationProbes(probes, scores, labels, [prompts[i].id for i in val], provenance, features)
 
 
+def check_both_kinds(prompts: Sequence[Prompt], scores: dict[str, list[float]], train: np.ndarray, val: np.ndarray,
+                     options: ContinuationProbeOptions) -> None:
+    """Refuse continuations that cannot teach or validate a gate: the training prompts need at least one toxic
+    continuation, and the validation prompts at least one prompt with a toxic continuation and one without."""
+    toxic = [any(s >= options.toxic_at for s in scores[p.id]) for p in prompts]
+    train_toxic, val_toxic = sum(toxic[i] for i in train), sum(toxic[i] for i in val)
+    if train_toxic and 0 < val_toxic < len(val):
+        return
+    count = sum(s >= options.toxic_at for p in prompts for s in scores[p.id])
+    raise ValueError(
+        f"{count} of the {sum(len(scores[p.id]) for p in prompts)} continuations of the {len(prompts)} prompts are "
+        f"toxic (score >= toxic_at {options.toxic_at:g}), in {train_toxic} of the {len(train)} training prompts and "
+        f"{val_toxic} of the {len(val)} validation prompts; a gate needs a toxic continuation in at least 1 training "
+        f"prompt and 1 validation prompt, and at least 1 validation prompt with none: give more (or more toxic) "
+        f"prompts, more samples per prompt (--options.sampling.num_samples), or a lower --options.toxic_at")
+
+
 def best_threshold(scores: Sequence[float], positive: Sequence[bool]) -> float:
     """The score threshold with the best balanced accuracy (`score >= t` predicts positive); ties: the lowest."""
     pos = [s for s, y in zip(scores, positive) if y]
     neg = [s for s, y in zip(scores, positive) if not y]
     if not pos or not neg:
-        raise ValueError("a threshold needs positive and negative examples")
+        raise ValueError(f"a threshold needs validation prompts with a toxic continuation and prompts without one; "
+                         f"got {len(pos)} with and {len(neg)} without")
 
     def balanced(t: float) -> float:
         return sum(s >= t for s in pos) / len(pos) + sum(s < t for s in neg) / len(neg)

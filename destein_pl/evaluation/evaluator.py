@@ -8,6 +8,7 @@ in one call.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -64,6 +65,7 @@ class Evaluator:
         self.sampler: PromptSampler | None = None
         self.judge: PerplexityJudge | None = None
         self.steering: dict[str, Any] = {}
+        self.settings: dict[float, dict[str, Any]] = {}
         self._started = 0.0
 
     def start(self, prompts: Sequence[Prompt]) -> None:
@@ -83,14 +85,17 @@ class Evaluator:
         self.sampler.fix_width(prompts)
         self.prompts = list(prompts)
         alphas = cfg.alphas if cfg.alphas is not None else sorted({0.0, round(steered.alpha, 6)})
-        self.steering = steered.steering_settings()
+        # alpha as the runs name it (the model holds it in float32: 0.800000011920929 for 0.8)
+        self.steering = {**steered.steering_settings(), "alpha": round(steered.alpha, 6)}
+        if any(alphas) and steered.method is None and not steered.vectors.any():
+            self.steering["zero_steering"] = True
         steering = self.steering["digest"]
+        self.settings = {alpha: {**cfg.fingerprint(alpha, steering if alpha else None, self.scorer.fingerprint()),
+                                 "base_model": steered.base_model} for alpha in alphas}
         self.runs = [
-            AlphaRun(alpha, Path(cfg.output_dir) / f"alpha_{alpha:g}",
-                     {**cfg.fingerprint(alpha, steering if alpha else None, self.scorer.fingerprint()),
-                      "base_model": steered.base_model},
-                     self.prompts, self.sampler.width, cfg.on_changed_prompts == "regenerate", self.rank,
-                     self.world_size, steered.device)
+            AlphaRun(alpha, Path(cfg.output_dir) / f"alpha_{alpha:g}", self.settings[alpha], self.prompts,
+                     self.sampler.width, cfg.on_changed_prompts == "regenerate", self.rank, self.world_size,
+                     steered.device)
             for alpha in alphas
         ]
         self.timing = {"generate_s": 0.0, "score_s": 0.0, "perplexity_s": 0.0}
@@ -180,7 +185,9 @@ class Evaluator:
             if self.rank == 0:
                 records = run.merge(self.prompts)
                 counts = summary_counts(records)
-                result.update(counts=counts, warnings=count_warnings(run.alpha, counts), steering=steering,
+                result.update(counts=counts, warnings=count_warnings(run.alpha, counts) + self._steering_warnings(run),
+                              steering=steering, settings={**self.settings[run.alpha],
+                                                           "prompts": prompts_record(self.prompts)},
                               generated_prompts=run.generated, resumed_prompts=run.resumed,
                               rescored_prompts=run.rescored)
                 write_json(run.folder / "results.json", jsonable(result))
@@ -212,6 +219,13 @@ class Evaluator:
                     print(f"WARNING: {warning}")
         return output
 
+    def _steering_warnings(self, run: AlphaRun) -> list[str]:
+        """What `results.json` flags about a steered alpha that did not steer: all-zero steering vectors."""
+        if run.alpha and self.steering.get("zero_steering"):
+            return [f"alpha={run.alpha:g}: the steering vectors are all zero (none set or loaded, and no method), so "
+                    f"these are the base model's continuations, not a steered run"]
+        return []
+
     def run(self, prompts: Sequence[Prompt], batch_size: int = 4, progress: bool = True) -> dict[str, Any]:
         """The whole evaluation in this process: `start`, `add` per batch of `batch_size` prompts, `finish`."""
         if batch_size < 1:
@@ -222,6 +236,15 @@ class Evaluator:
             end = min(start + batch_size, len(self.prompts))
             self.add(self.prompts[start:end], list(range(start, end)))
         return self.finish()
+
+
+def prompts_record(prompts: Sequence[Prompt]) -> dict[str, Any]:
+    """Which prompts a run was evaluated on, as `results.json` records them: their count and the sha256 of their
+    ids and texts (in id order)."""
+    digest = hashlib.sha256()
+    for prompt in sorted(prompts, key=lambda p: p.id):
+        digest.update(f"{prompt.id}\x00{prompt.text}\x00".encode())
+    return {"count": len(prompts), "sha256": digest.hexdigest()}
 
 
 def evaluate(steered: SteeredCausalLM, prompts: Sequence[Prompt], config: EvaluationConfig | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ def _toxicity(value: Any, where: str) -> float | None:
         return None
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise PromptsFileError(f"{where}: toxicity must be a number or null, got {value!r}")
+    if not math.isfinite(value):
+        raise PromptsFileError(f"{where}: toxicity must be a finite number or null, got {value!r}")
     return float(value)
 
 
@@ -108,7 +111,8 @@ def read_hf_prompts(dataset_id: str, split: str) -> list[Prompt]:
         raise ImportError(f"reading the hub dataset {dataset_id!r} needs `pip install datasets`") from err
     rows = datasets.load_dataset(dataset_id, split=split)
     return [
-        Prompt(f"{r.get('filename', dataset_id)}:{r.get('begin', i)}", r["prompt"]["text"], r["prompt"].get("toxicity"))
+        Prompt(f"{r.get('filename', dataset_id)}:{r.get('begin', i)}", r["prompt"]["text"],
+               _toxicity(r["prompt"].get("toxicity"), f"{dataset_id} ({split}) row {i}"))
         for i, r in enumerate(rows)
     ]
 

@@ -31,6 +31,10 @@ MIN_ROWS = 8
 which changes results in the last bits (measured), while from 4 rows on a row's result does not depend on the
 batch."""
 
+MAX_NUM_SAMPLES = 1000
+"""The most continuations per prompt: one prompt's samples share one generation batch (their KV cache is the
+prompt's, repeated), which `max_batch_tokens` cannot split."""
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -40,7 +44,7 @@ class SamplingSettings:
     Args:
         top_p: nucleus sampling mass (paper: 0.9), in (0, 1].
         temperature: sampling temperature (paper: 1), a finite number >= 0; 0 is greedy.
-        num_samples: continuations per prompt (paper: 25), at least 1.
+        num_samples: continuations per prompt (paper: 25), from 1 to `MAX_NUM_SAMPLES` (1000).
         max_new_tokens: tokens per continuation (paper: 20), at least 1.
         seed: a continuation depends only on (seed, prompt id, sample index).
         max_prompt_tokens: prompts longer than this many tokens are cut from the left (with a warning), at least 1;
@@ -64,6 +68,9 @@ class SamplingSettings:
         for name in ("num_samples", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_samples > MAX_NUM_SAMPLES:
+            raise ValueError(f"num_samples must be from 1 to {MAX_NUM_SAMPLES} (one prompt's continuations are "
+                             f"generated in one batch), got {self.num_samples}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be at least 1 (or None: the room the context leaves), got "
                              f"{self.max_prompt_tokens}")

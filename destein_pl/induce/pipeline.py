@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -177,6 +178,39 @@ def scored_pool(samples_path: Path, jobs: list[Job], scorer: ToxicityScorer) -> 
     return pool
 
 
+RUN_FILES = ("samples.jsonl", "settings.json", "summary.json")
+"""The files of `output_dir` besides the pairs file: the sample pool, what it was made with, and the counts."""
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same path once links are resolved, or hard links to one file."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(output: Path, output_dir: Path, base_model: str, inputs: list[str]) -> None:
+    """Refuse a pairs file path that would replace something the run reads or writes besides it: one of `inputs`
+    (the inducing prompts, a rewriter's files), a file in or the base model itself where it is a local path, or a
+    file of `output_dir` (`RUN_FILES`); and one that is a folder. Checked before anything is loaded."""
+    if output.is_dir() or _same_path(output, output_dir):
+        raise IsADirectoryError(f"output: {output} is a folder; expected the pairs file to write (a .jsonl path)")
+    for name in inputs:
+        if _same_path(output, Path(name).expanduser()):
+            raise ValueError(f"output: {output} is an input of this run ({name}); write the pairs to another file")
+    model = Path(base_model).expanduser()
+    if model.exists() and (_same_path(output, model) or model.resolve() in output.resolve().parents):
+        raise ValueError(f"output: {output} would write into the base model ({base_model}); write the pairs to "
+                         f"another file")
+    for name in RUN_FILES:
+        if _same_path(output, output_dir / name):
+            raise ValueError(f"output: {output} is the run's {name} in output_dir; write the pairs to another file "
+                             f"(default: {output_dir / 'pairs.jsonl'})")
+
+
 class InduceError(ValueError):
     """A run that produced no pairs; the pairs file of an earlier run is left as it was."""
 
@@ -275,14 +309,17 @@ def induce(
         max_rewrite_toxicity: drop a pair whose non-toxic side scores this or more (> 0; above 1: keep all).
         max_loglik_gap: drop a pair whose sides' mean per-token log-likelihoods differ by more (nats, at least 0);
             None: keep.
-        output: the pairs file (default `<output_dir>/pairs.jsonl`).
+        output: the pairs file (default `<output_dir>/pairs.jsonl`); refused when it is one of the run's inputs
+            (`prompts`, a rewriter's files, the base model), a file of `output_dir` it keeps, or a folder.
     """
     check_options(prompts, num_prompts, unprompted_samples, batch_size, top_n, min_toxicity, max_rewrite_toxicity,
                   max_loglik_gap)
     toxicity, writer = build_scorer(scorer), build_rewriter(rewriter)
+    folder = Path(output_dir)
+    target = Path(output) if output else folder / "pairs.jsonl"
+    check_output(target, folder, base_model, ([prompts] if prompts is not None else []) + writer.inputs())
     toxicity.setup()  # a missing API key or classifier is an error now, not after the sampling
     writer.setup()
-    folder = Path(output_dir)
     # The keys `samples.jsonl` folders have always recorded; one recorded without `max_prompt_tokens` matches its
     # default (None), so it still resumes.
     ensure_settings(folder, {"base_model": base_model, "dtype": dtype, "prompts": prompts, "num_prompts": num_prompts,
@@ -311,7 +348,6 @@ def induce(
               "rewrite_still_toxic": len(rewritten) - len(nontoxic),
               "loglik_gap": len(nontoxic) - len(pairs), "pairs": len(pairs), "generation_s": round(generation_s, 1)}
 
-    target = Path(output) if output else folder / "pairs.jsonl"
     if not pairs:
         kept = f"; {target} is left as it was" if target.exists() else ""
         raise InduceError(f"no pairs: {counts}{kept}. Loosen the filters (top_n, min_toxicity, max_rewrite_toxicity, "

@@ -1,8 +1,9 @@
 """The `destein` command. `fit` and `test` are a LightningCLI over `DeSteinModule` and `DeSteinDataModule`;
-`generate`, `compare`, `induce`, `gate` and `export` are typed functions. Every verb is parsed by jsonargparse: options on
-the command line or in YAML (`--config`), checked against their types, listed by `--help`. When the library refuses
-bad input (a ValueError, OSError, ImportError or unavailable scorer raised by destein-pl's own code), the verb ends
-with one line `destein VERB: error: MESSAGE` on stderr and exit code 2; any other exception keeps its traceback."""
+`generate`, `compare`, `induce`, `gate`, `export` and `serve` are typed functions. Every verb is parsed by
+jsonargparse: options on the command line or in YAML (`--config`), checked against their types, listed by `--help`.
+When the library refuses bad input (a ValueError, OSError, ImportError or unavailable scorer raised by destein-pl's
+own code, also when jsonargparse wraps one that a constructor raised for an option's value), the verb ends with one
+line `destein VERB: error: MESSAGE` on stderr and exit code 2; any other exception keeps its traceback."""
 
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ from typing import Any
 
 import docstring_parser
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from destein_pl.calibration.continuation_gate import gate
 from destein_pl.evaluation.prompts import Prompt, PromptsConfig, load_prompts
-from destein_pl.evaluation.report import load_results, markdown_table
+from destein_pl.evaluation.report import differences, load_results, markdown_table
 from destein_pl.evaluation.sampling import PromptSampler, SamplingSettings
 from destein_pl.baselines import METHODS
 from destein_pl.evaluation.scorers import SCORERS, ScorerUnavailableError
@@ -31,6 +32,7 @@ from destein_pl.induce import REWRITERS, induce
 from destein_pl.lightning.datamodule import DeSteinDataModule
 from destein_pl.lightning.module import DeSteinModule
 from destein_pl.plugins import describe_plugins
+from destein_pl.serving import serve
 from destein_pl.steering.checkpoint import load_checkpoint_file, read_checkpoint
 from destein_pl.steering.export import export
 from destein_pl.steering.model import SteeredCausalLM
@@ -129,7 +131,9 @@ def print_side_by_side(prompts: list[Prompt], base: list[list[str]], steered: li
 
 # ---- compare -------------------------------------------------------------------------------------------------------
 def compare(results: list[str], labels: list[str] | None = None, plot: str | None = None) -> None:
-    """Put several evaluations side by side, and plot toxicity against perplexity (the paper's Figure 2).
+    """Put several evaluations side by side, and plot toxicity against perplexity (the paper's Figure 2). A note
+    under the table names each setting in which the rows differ (prompts, samples, tokens, sampling, scorer,
+    perplexity model, base model, method).
 
     Args:
         results: `results.json` files or evaluation folders (each may hold several alphas).
@@ -146,6 +150,9 @@ def compare(results: list[str], labels: list[str] | None = None, plot: str | Non
             row_labels.append(f"{name} alpha={run['alpha']:g}")
             points.append((name, run["alpha"], run["metrics"]["all"]["emt"], run["metrics"]["all"]["ppl"]))
     print(markdown_table(rows, row_labels))
+    note = differences(rows, row_labels)
+    if note:
+        print(f"\n{note}")
     if plot:
         from destein_pl.plots import toxicity_perplexity
 
@@ -182,12 +189,22 @@ class DeSteinCLI(LightningCLI):
         ckpt_path = kwargs.get("ckpt_path")
         if ckpt_path is not None:
             self.model.checkpoint_source = str(ckpt_path)
+        if subcommand == "test" and self._alpha_given:
+            self.model.alpha_override = self.model.hparams.alpha
         if str(ckpt_path).endswith(".safetensors"):  # the plain export: applied here, Lightning has no part in it
             self.model.configure_model()
             tensors, metadata = read_checkpoint(ckpt_path)
-            self.model.steered.load_steering(tensors, metadata, ckpt_path)
+            self.model.apply_steering(tensors, metadata, str(ckpt_path))
             kwargs["ckpt_path"] = None
         return kwargs
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse as LightningCLI does, noting whether `--model.alpha` is on the command line: `test` evaluates that
+        alpha in place of the checkpoint's, and not the config files' `model.alpha` (calibration's)."""
+        given = sys.argv[1:] if args is None else args
+        self._alpha_given = isinstance(given, list) and any(
+            str(a) == "--model.alpha" or str(a).startswith("--model.alpha=") for a in given)
+        super().parse_arguments(parser, args)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -203,11 +220,12 @@ VERBS = {
     "induce": "mine steering pairs from the model itself",
     "gate": "fit a gate that predicts toxic continuations, into a copy of a steering checkpoint",
     "export": "fold a steering checkpoint into its base model, for engines without destein-pl",
+    "serve": "serve a steered model over OpenAI's HTTP API, the steering strength chosen per request",
 }
 """Every verb of `destein`, with what `destein --help` says it does."""
 LIGHTNING_VERBS = ("fit", "test")
 FUNCTION_VERBS: dict[str, Callable] = {"generate": generate, "compare": compare, "induce": induce, "gate": gate,
-                                       "export": export}
+                                       "export": export, "serve": serve}
 USER_ERRORS = (ValueError, OSError, ImportError, ScorerUnavailableError)
 """What destein-pl raises when it refuses bad input (a CheckpointError is a ValueError)."""
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -287,6 +305,18 @@ def raised_by_library(error: BaseException) -> bool:
     return trace is not None and Path(trace.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE)
 
 
+def library_refusal(error: BaseException) -> BaseException | None:
+    """The refusal by destein-pl's own code that `error` is or wraps (jsonargparse raises its own ValueError from
+    the one a constructor raised for an option's value), or None when there is none."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, USER_ERRORS) and raised_by_library(error):
+            return error
+        error = error.__cause__
+    return None
+
+
 def fail(verb: str | None, message: str) -> typing.NoReturn:
     """End the command as argparse does on a usage error: one line on stderr, exit code 2."""
     one_line = " ".join(line.strip() for line in message.splitlines() if line.strip())
@@ -316,9 +346,10 @@ def main(argv: list[str] | None = None) -> None:
                        parser_kwargs={"formatter_class": _HelpFormatter,
                                       "test": {"epilog": _epilog("test"), "formatter_class": _HelpFormatter}})
     except USER_ERRORS as error:
-        if not raised_by_library(error):
+        refusal = library_refusal(error)
+        if refusal is None:
             raise
-        fail(verb, str(error))
+        fail(verb, str(refusal))
 
 
 if __name__ == "__main__":

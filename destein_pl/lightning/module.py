@@ -104,6 +104,11 @@ class DeSteinModule(L.LightningModule):
         self.evaluator: Evaluator | None = None
         self.checkpoint_source = "checkpoint"
         """How errors name the checkpoint that `test` loads (the CLI sets its path)."""
+        self.steering_loaded = False
+        """Whether `test` runs a checkpoint's steering (set by `apply_steering`)."""
+        self.alpha_override: float | None = None
+        """The alpha `test` evaluates in place of the checkpoint's: `--model.alpha` given on the command line (the CLI
+        sets it; the config's `model.alpha` is calibration's)."""
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
@@ -185,8 +190,14 @@ class DeSteinModule(L.LightningModule):
             log.warning("%s was calibrated on %r; evaluating it on model.base_model %r (the architecture is checked)",
                         self.checkpoint_source, recorded["name_or_path"], self.hparams.base_model)
         # Check the checkpoint fits this model before Lightning loads its buffers (non-strictly).
-        self.steered.load_steering(checkpoint["state_dict"], checkpoint.get(METADATA_KEY), self.checkpoint_source)
+        self.apply_steering(checkpoint["state_dict"], checkpoint.get(METADATA_KEY), self.checkpoint_source)
+
+    def apply_steering(self, tensors: dict[str, Any], metadata: dict[str, Any] | None, source: str) -> None:
+        """Load a checkpoint's steering into the model (`SteeredCausalLM.load_steering`), then put `fusion` and
+        `gate`, where given, in place of the checkpoint's."""
+        self.steered.load_steering(tensors, metadata, source)
         self.steered.configure(fusion=self.fusion, gate=self.gate)
+        self.steering_loaded = True
 
     def export_steering(self, ckpt_path: Path) -> None:
         """Write `<stem>.safetensors`, `<stem>.json` and `<stem>-probes.png` beside a Lightning checkpoint."""
@@ -197,6 +208,7 @@ class DeSteinModule(L.LightningModule):
         strategy = self.trainer.strategy
         shard = self.evaluation.shard_perplexity_model and self.trainer.world_size > 1
         mesh = world_mesh(strategy.root_device) if shard else None
+        self.check_test_options()
         if self.method is not None:
             self.steered.set_method(self.method)
         self.evaluator = Evaluator(self.steered, self.evaluation, rank=self.global_rank,
@@ -204,6 +216,44 @@ class DeSteinModule(L.LightningModule):
         loaders = self.trainer.test_dataloaders
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
         self.evaluator.start(loader.dataset.prompts)
+
+    def changed_steering_options(self) -> list[str]:
+        """The steering options given other than their defaults (`model.fusion`, `model.gate`), as the CLI names
+        them."""
+        changed = [f"model.fusion {self.fusion!r}"] if self.fusion not in (None, "paper") else []
+        if self.gate is not None and self.gate != GateSettings():
+            changed.append(f"model.gate (mode {self.gate.mode!r})")
+        return changed
+
+    def check_test_options(self) -> None:
+        """Refuse what `test` could not act on: a fusion or gate with a baseline method or without a checkpoint's
+        steering, an alpha given with alphas that leave it out, and a steered alpha over all-zero steering; then
+        set the alpha given on the command line."""
+        options = self.changed_steering_options()
+        changed, one = " and ".join(options), len(options) == 1
+        if options and self.method is not None:
+            raise ValueError(f"{changed} {'shapes' if one else 'shape'} DeStein's steering, which model.method "
+                             f"replaces; leave {'it' if one else 'them'} out")
+        if options and not self.steering_loaded:
+            raise ValueError(f"{changed} {'acts' if one else 'act'} on a steering checkpoint's steering, and none is "
+                             f"loaded; give --ckpt_path CKPT, or leave {'it' if one else 'them'} out")
+        alphas = self.evaluation.alphas
+        if self.alpha_override is not None:
+            if alphas is not None and self.alpha_override not in alphas:
+                raise ValueError(f"model.alpha {self.alpha_override:g} is not among model.evaluation.alphas {alphas}; "
+                                 f"give one of the two")
+            if self.steering_loaded and self.alpha_override != self.steered.alpha:
+                log.info("evaluating model.alpha %g in place of %s's alpha %g", self.alpha_override,
+                         self.checkpoint_source, self.steered.alpha)
+            self.steered.alpha = self.alpha_override
+        evaluated = alphas if alphas is not None else [self.steered.alpha]
+        steered = [a for a in evaluated if a]
+        if steered and self.method is None and not self.steered.vectors.any():
+            given = "model.evaluation.alphas" if alphas is not None else "model.alpha"
+            why = f"{self.checkpoint_source} holds only zeros" if self.steering_loaded else "no --ckpt_path given"
+            raise ValueError(f"{given}: alpha {steered[0]:g} would steer by all-zero steering vectors ({why}), so its "
+                             f"continuations would be the base model's; give --ckpt_path CKPT or --model.method NAME, "
+                             f"or evaluate alpha 0 only")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.evaluator.add(batch["prompts"], batch["index"])

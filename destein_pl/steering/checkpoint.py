@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from destein_pl.files import atomic_path, write_atomic
+from destein_pl.files import atomic_path, jsonable, read_text, write_atomic
 from destein_pl.steering.gating import GateSettings
 from destein_pl.steering.operators import operator_for
 from destein_pl.steering.probes import GATE_PROBE_PREFIXES, Probes
@@ -92,7 +92,7 @@ def save_steering(path: str | Path, tensors: dict[str, Tensor], metadata: dict[s
     `alpha`) and the probes."""
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    text = json.dumps(metadata, indent=2, sort_keys=True)
+    text = json.dumps(jsonable(metadata), indent=2, sort_keys=True, allow_nan=False)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: text})
     write_atomic(path.with_suffix(".json"), text + "\n")
@@ -137,15 +137,24 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
         if METADATA_KEY in header:
-            return tensors, json.loads(header[METADATA_KEY])
+            return tensors, parse_metadata(header[METADATA_KEY], f"{path} (its header's {METADATA_KEY!r} metadata)")
         sidecar = path.with_suffix(".json")
         if not sidecar.is_file():
             raise CheckpointError(f"{path} carries no steering metadata and {sidecar} does not exist")
-        return tensors, json.loads(sidecar.read_text(encoding="utf-8"))
+        return tensors, parse_metadata(read_text(sidecar, "steering metadata file"), sidecar)
     if path.suffix == ".ckpt":
         checkpoint = load_checkpoint_file(path)
         return dict(checkpoint.get("state_dict", {})), checkpoint.get(METADATA_KEY)
     raise CheckpointError(f"unknown checkpoint type {path.suffix!r} for {path}: expected .ckpt or .safetensors")
+
+
+def parse_metadata(text: str, source: str | Path) -> Any:
+    """Steering metadata from its JSON text, with an error naming where it was read when it is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{source}: the steering metadata is not valid JSON ({err.msg} at line {err.lineno}, "
+                              f"column {err.colno}); expected the JSON object `destein fit` writes") from None
 
 
 def check_format(metadata: dict[str, Any] | None, source: str | Path) -> dict[str, Any]:

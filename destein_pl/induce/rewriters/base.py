@@ -42,6 +42,10 @@ class Rewriter(Plugin, ABC):
         self.setup()
         return self._rewrite(list(texts), context or RewriteContext()) if texts else []
 
+    def inputs(self) -> list[str]:
+        """The files the rewriter reads (an output of the run must be none of them); none by default."""
+        return []
+
     @abstractmethod
     def _rewrite(self, texts: list[str], context: RewriteContext) -> list[str | None]:
         """`rewrite` of a non-empty list, after `setup`."""

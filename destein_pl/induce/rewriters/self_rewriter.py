@@ -130,6 +130,10 @@ class SelfRewriter(Rewriter):
         self.pool: list[SteeringPair] = []  # the drawn demonstrations, in order, with spares
         self._token_ids: dict[int, tuple[set[int], dict[tuple[int, ...], set[int]]]] = {}  # per tokenizer
 
+    def inputs(self) -> list[str]:
+        """The demonstrations file, where there is one."""
+        return [] if self.demonstrations is None else [str(self.demonstrations)]
+
     def _setup(self) -> None:
         if self.demonstrations is None:
             return
